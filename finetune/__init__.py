@@ -1,0 +1,1 @@
+"""The training engine shared by search and fine-tuning, and distillation losses."""

@@ -1,0 +1,1 @@
+"""Tables and plots of what a search did, from its run directories."""

@@ -1,0 +1,1 @@
+"""The spvit-search workflow: CLI, data, search loop, export."""

@@ -1,0 +1,23 @@
+"""The search space: `Architecture`, gated layers and the supernet families."""
+
+from .architecture import MIXERS, Architecture, BlockChoice
+from .gates import BinaryGates, GateConfig
+from .registry import build_supernet, check_model_name, list_supernets
+from .unified_attention import UnifiedAttention
+from .unified_mlp import UnifiedMlp
+from .vit import SuperBlock, VisionTransformerSupernet
+
+__all__ = [
+    "MIXERS",
+    "Architecture",
+    "BinaryGates",
+    "BlockChoice",
+    "GateConfig",
+    "SuperBlock",
+    "UnifiedAttention",
+    "UnifiedMlp",
+    "VisionTransformerSupernet",
+    "build_supernet",
+    "check_model_name",
+    "list_supernets",
+]

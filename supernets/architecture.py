@@ -1,0 +1,170 @@
+"""`Architecture`: the one data contract. It names a subnet of a supernet, as data.
+
+Search produces it, the lookup table prices it, the exporter builds it, fine-tuning trains it and
+reports draw it. Its JSON form:
+
+    {"model": "deit_tiny_patch16_224", "img_size": 224, "num_classes": 1000,
+     "blocks": [{"mixer": "bconv1", "mlp_kept": [0, 3, 4, 7]}, {"mixer": "msa", "mlp_kept": [0, 1, 2]}]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_text
+
+# Token mixers ordered by cost: a cumulative gate can switch on a mixer only if every cheaper one is on.
+MIXERS: tuple[str, ...] = ("skip", "bconv1", "bconv3", "msa")
+CONV_KERNEL_SIZE = {"bconv1": 1, "bconv3": 3}
+
+_TOP_LEVEL_FIELDS = ("model", "img_size", "num_classes", "blocks")
+_BLOCK_FIELDS = ("mixer", "mlp_kept")
+
+
+@dataclass(frozen=True)
+class BlockChoice:
+    """The choice made in one transformer block: its token mixer and its kept MLP hidden units."""
+
+    mixer: str
+    mlp_kept: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mlp_kept", tuple(self.mlp_kept))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model: str
+    img_size: int
+    num_classes: int
+    blocks: tuple[BlockChoice, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        _check_type("model", self.model, str)
+        if not self.model:
+            raise ValueError("model: must be a non-empty model name")
+        for name in ("img_size", "num_classes"):
+            _check_type(name, getattr(self, name), int)
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not self.blocks:
+            raise ValueError("blocks: an architecture needs at least one block")
+        for i, block in enumerate(self.blocks):
+            _check_type(f"blocks[{i}]", block, BlockChoice)
+            _validate_block(i, block)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def mixers(self) -> list[str]:
+        return [b.mixer for b in self.blocks]
+
+    def validate_for(self, *, model: str, img_size: int, num_classes: int, mlp_hidden: Sequence[int]) -> None:
+        """Raise `ValueError` naming the field if this architecture does not fit the given supernet."""
+        if self.model != model:
+            raise ValueError(f"model: architecture is for '{self.model}', but the supernet is '{model}'")
+        if self.img_size != img_size:
+            raise ValueError(f"img_size: architecture is for {self.img_size}, but the supernet takes {img_size}")
+        if self.num_classes != num_classes:
+            raise ValueError(
+                f"num_classes: architecture is for {self.num_classes} classes, the supernet has {num_classes}"
+            )
+        if len(self.blocks) != len(mlp_hidden):
+            raise ValueError(f"blocks: architecture has {len(self.blocks)} blocks, '{model}' has {len(mlp_hidden)}")
+        for i, (block, hidden) in enumerate(zip(self.blocks, mlp_hidden, strict=True)):
+            if block.mlp_kept and block.mlp_kept[-1] >= hidden:
+                raise ValueError(
+                    f"blocks[{i}].mlp_kept: index {block.mlp_kept[-1]} is out of range for hidden size {hidden}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "img_size": self.img_size,
+            "num_classes": self.num_classes,
+            "blocks": [{"mixer": b.mixer, "mlp_kept": list(b.mlp_kept)} for b in self.blocks],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Architecture:
+        """Build from parsed JSON, checking the schema field by field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"architecture must be a JSON object, got {type(data).__name__}")
+        _check_fields("", data, _TOP_LEVEL_FIELDS)
+        blocks_data = data["blocks"]
+        _check_type("blocks", blocks_data, list)
+        blocks = []
+        for i, b in enumerate(blocks_data):
+            _check_type(f"blocks[{i}]", b, dict)
+            _check_fields(f"blocks[{i}].", b, _BLOCK_FIELDS)
+            _check_type(f"blocks[{i}].mixer", b["mixer"], str)
+            _check_type(f"blocks[{i}].mlp_kept", b["mlp_kept"], list)
+            for j, index in enumerate(b["mlp_kept"]):
+                _check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
+            blocks.append(BlockChoice(b["mixer"], tuple(b["mlp_kept"])))
+        return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks))
+
+    def to_json(self) -> str:
+        # One block per line: diffs of two architectures stay readable.
+        head = json.dumps({k: v for k, v in self.to_dict().items() if k != "blocks"})[:-1]
+        lines = [json.dumps({"mixer": b.mixer, "mlp_kept": list(b.mlp_kept)}) for b in self.blocks]
+        return head + ', "blocks": [\n  ' + ",\n  ".join(lines) + "\n]}\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Architecture:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"architecture is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Architecture:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"architecture file not found: {path}")
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _validate_block(i: int, block: BlockChoice) -> None:
+    if block.mixer not in MIXERS:
+        raise ValueError(f"blocks[{i}].mixer: unknown mixer '{block.mixer}'; expected one of {', '.join(MIXERS)}")
+    kept = block.mlp_kept
+    for j, index in enumerate(kept):
+        _check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
+    if kept and kept[0] < 0:
+        raise ValueError(f"blocks[{i}].mlp_kept: index {kept[0]} is negative")
+    for a, b in zip(kept, kept[1:], strict=False):
+        if a == b:
+            raise ValueError(f"blocks[{i}].mlp_kept: index {a} is duplicated")
+        if a > b:
+            raise ValueError(f"blocks[{i}].mlp_kept: indices must be sorted ascending ({b} comes after {a})")
+
+
+def _check_type(field: str, value: Any, expected: type) -> None:
+    # bool is an int subclass in Python, but `true` is never a valid size or index.
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"{field}: expected {expected.__name__}, got {type(value).__name__} {value!r:.40}")
+
+
+def _check_fields(prefix: str, data: dict, fields: Sequence[str]) -> None:
+    missing = [f for f in fields if f not in data]
+    if missing:
+        raise ValueError(f"{prefix}{missing[0]}: required field is missing")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: unknown field; expected {', '.join(fields)}")

@@ -1,0 +1,124 @@
+"""`build_supernet` and `list_supernets`: from a model name (and weights) to a searchable supernet."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import warnings
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import nn
+
+from .gates import GateConfig
+from .io import load_state_dict_file
+from .vit import VisionTransformerSupernet, unsupported_features
+
+# timm modules whose models may be plain VisionTransformers; each name is then checked by building it.
+_VIT_MODULES = ("vision_transformer", "deit")
+
+
+@functools.cache
+def list_supernets() -> list[str]:
+    """Every model name `build_supernet` accepts."""
+    names = []
+    for name in sorted({n for m in _VIT_MODULES for n in timm.list_models(module=m)}):
+        # One block on the meta device shows the structure without allocating weights.
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, depth=1)
+        except Exception:  # an entry point that cannot build this way is not a plain ViT
+            continue
+        if not unsupported_features(model):
+            names.append(name)
+    return names
+
+
+def check_model_name(name: str) -> None:
+    """Raise a `ValueError` that suggests close matches if `name` is not a supported supernet."""
+    supported = list_supernets()
+    if name in supported:
+        return
+    if name in timm.list_models():
+        with torch.device("meta"):
+            reasons = unsupported_features(timm.create_model(name))
+        raise ValueError(f"timm model '{name}' cannot be searched: {'; '.join(reasons)}")
+    close = difflib.get_close_matches(name, supported, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model '{name}'{hint} (list_supernets() lists all {len(supported)})")
+
+
+def build_supernet(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    num_classes: int | None = None,
+    gates: GateConfig | None = None,
+    **kwargs: Any,
+) -> VisionTransformerSupernet:
+    """Build timm's `name` (random, `pretrained` or from `checkpoint_path`) and convert it to a supernet.
+
+    Extra keyword arguments (e.g. `patch_size=4`) go to `timm.create_model`.
+    """
+    check_model_name(name)
+    source = create_source_model(name, pretrained, checkpoint_path, img_size, num_classes, **kwargs)
+    return VisionTransformerSupernet(source, name, model_kwargs=kwargs, gates=gates or GateConfig())
+
+
+def create_source_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """The timm model a supernet is converted from, with its weights loaded."""
+    if pretrained and checkpoint_path is not None:
+        raise ValueError("pass either pretrained=True or checkpoint_path, not both")
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (AssertionError, TypeError) as e:  # timm asserts on bad sizes and rejects unknown kwargs
+        raise ValueError(f"cannot build '{name}' with {kwargs}: {e}") from None
+    if checkpoint_path is not None:
+        load_timm_checkpoint(model, checkpoint_path, reset_head=num_classes is not None)
+    return model
+
+
+def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: bool = False) -> None:
+    """Load a timm-format state dict into `model`, resampling position embeddings to its image size.
+
+    With `reset_head`, a classifier trained for another number of classes is dropped (the model keeps
+    its freshly initialised head) instead of being an error.
+    """
+    state = checkpoint_filter_fn(load_state_dict_file(path), model)
+    expected = model.state_dict()
+    head_keys = {k for k in expected if k.startswith("head.")}
+    reinit = set()
+    if reset_head and any(k in state and state[k].shape != expected[k].shape for k in head_keys):
+        warnings.warn(f"{path}: classifier head has another number of classes; it is re-initialised", stacklevel=2)
+        state = {k: v for k, v in state.items() if k not in head_keys}
+        reinit = head_keys
+    missing = sorted(set(expected) - set(state) - reinit)
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+            if keys
+        ]
+        raise ValueError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,62 @@
+"""Unified MLP: a transformer MLP with one gate per hidden unit, applied after the activation."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+
+from .gates import BinaryGates, GateConfig
+
+
+class UnifiedMlp(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: float = 0.0,
+        gates: GateConfig = GateConfig(),
+    ) -> None:
+        super().__init__()
+        self.hidden_features = hidden_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+        self.gates = BinaryGates(hidden_features, gates.init, gates.temperature)
+        self.register_buffer("fixed_kept", None, persistent=False)  # sorted kept hidden indices
+
+    @classmethod
+    def from_timm(cls, mlp: Mlp, gates: GateConfig) -> UnifiedMlp:
+        unified = cls(mlp.fc1.in_features, mlp.fc1.out_features, gates=gates)
+        for name in ("fc1", "act", "drop1", "fc2", "drop2"):
+            setattr(unified, name, copy.deepcopy(getattr(mlp, name)))
+        return unified
+
+    def kept_units(self) -> torch.Tensor:
+        """Indices of the hidden units kept by the deterministic rule (gate logit > 0)."""
+        return self.gates.is_on().nonzero().squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, D)
+        if self.fixed_kept is not None:
+            return self._forward_kept(x, self.fixed_kept)
+        if not self.training:
+            return self._forward_kept(x, self.kept_units())
+        h = self.act(self.fc1(x)) * self.gates()  # (B, N, hidden)
+        return self.drop2(self.fc2(self.drop1(h)))
+
+    def _forward_kept(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        if kept.numel() == self.hidden_features:
+            h = self.fc1(x)
+            w2 = self.fc2.weight
+        else:  # only the kept units are computed: sliced weights, so the saved work is real
+            h = F.linear(x, self.fc1.weight[kept], None if self.fc1.bias is None else self.fc1.bias[kept])
+            w2 = self.fc2.weight[:, kept]
+        h = self.drop1(self.act(h))  # (B, N, kept)
+        return self.drop2(F.linear(h, w2, self.fc2.bias))

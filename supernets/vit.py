@@ -1,0 +1,187 @@
+"""The DeiT/ViT supernet: timm's `VisionTransformer` with unified MSA and gated MLPs in every block.
+
+A timm model is converted by copying its weights; every module outside the blocks (patch embedding,
+tokens, norms, head) is kept as it is, so the dense architecture computes exactly what timm computes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from timm.layers import Attention, Mlp, PatchEmbed
+from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
+from torch import nn
+
+from .architecture import Architecture, BlockChoice
+from .gates import BinaryGates, GateConfig
+from .unified_attention import UnifiedAttention
+from .unified_mlp import UnifiedMlp
+
+
+def unsupported_features(model: nn.Module) -> list[str]:
+    """Why a timm model cannot become a ViT supernet; empty when it can."""
+    if type(model) is not VisionTransformer:
+        return [f"model class {type(model).__name__} (only timm's VisionTransformer is supported)"]
+    reasons = []
+    if type(model.patch_embed) is not PatchEmbed:
+        reasons.append(f"patch embedding {type(model.patch_embed).__name__} (needs a plain PatchEmbed grid)")
+    if model.attn_pool is not None:
+        reasons.append("attention pooling (global_pool='map')")
+    if not isinstance(model.patch_drop, nn.Identity):
+        reasons.append("patch dropout (it breaks the token grid)")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            reasons.append(f"block {i} is a {type(block).__name__}, not timm's standard Block")
+            break
+        if type(block.attn) is not Attention or block.attn.gate is not None:
+            reasons.append(f"block {i} attention {type(block.attn).__name__} (needs plain Attention)")
+            break
+        if not isinstance(block.attn.norm, nn.Identity):
+            reasons.append("attention scale norm (scale_attn_norm)")
+            break
+        if type(block.mlp) is not Mlp or not isinstance(block.mlp.norm, nn.Identity):
+            reasons.append(f"block {i} MLP {type(block.mlp).__name__} (needs a plain Mlp without norm)")
+            break
+    return reasons
+
+
+class SuperBlock(nn.Module):
+    """timm's pre-norm `Block` with a unified MSA and a gated MLP."""
+
+    def __init__(self, block: Block, grid_size: tuple[int, int], num_prefix_tokens: int, gates: GateConfig):
+        super().__init__()
+        self.norm1 = copy.deepcopy(block.norm1)
+        self.attn = UnifiedAttention.from_timm(block.attn, grid_size, num_prefix_tokens, gates)
+        self.ls1 = copy.deepcopy(block.ls1)
+        self.drop_path1 = copy.deepcopy(block.drop_path1)
+        self.norm2 = copy.deepcopy(block.norm2)
+        self.mlp = UnifiedMlp.from_timm(block.mlp, gates)
+        self.ls2 = copy.deepcopy(block.ls2)
+        self.drop_path2 = copy.deepcopy(block.drop_path2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attn.chosen_mixer() != "skip":
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class VisionTransformerSupernet(nn.Module):
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        name: str,
+        model_kwargs: dict[str, Any] | None = None,
+        gates: GateConfig = GateConfig(),
+    ) -> None:
+        super().__init__()
+        reasons = unsupported_features(vit)
+        if reasons:
+            raise ValueError(f"'{name}' cannot be searched: {'; '.join(reasons)}")
+        img_h, img_w = vit.patch_embed.img_size
+        if img_h != img_w:
+            raise ValueError(f"'{name}': only square images are supported, got {img_h}x{img_w}")
+        self.name = name
+        self.img_size = img_h
+        self.num_classes = vit.num_classes
+        self.model_kwargs = dict(model_kwargs or {})
+        self.gate_config = gates
+        self.grid_size = tuple(vit.patch_embed.grid_size)
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.no_embed_class = vit.no_embed_class
+        self.global_pool = vit.global_pool
+        self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
+        self.embed_dim = vit.embed_dim
+
+        for module in ("patch_embed", "pos_drop", "norm_pre", "norm", "fc_norm", "head_drop", "head"):
+            setattr(self, module, copy.deepcopy(getattr(vit, module)))
+        for param in ("cls_token", "reg_token", "pos_embed"):
+            setattr(self, param, copy.deepcopy(getattr(vit, param)))
+        self.blocks = nn.Sequential(*[SuperBlock(b, self.grid_size, self.num_prefix_tokens, gates) for b in vit.blocks])
+        self._fixed: Architecture | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def mlp_hidden(self) -> list[int]:
+        return [b.mlp.hidden_features for b in self.blocks]
+
+    def config(self) -> dict[str, Any]:
+        """Everything `build_supernet` needs to rebuild this supernet, as JSON-ready data."""
+        return {
+            "model": self.name,
+            "img_size": self.img_size,
+            "num_classes": self.num_classes,
+            "model_kwargs": self.model_kwargs,
+            "gates": self.gate_config.to_dict(),
+        }
+
+    # -- the architecture -------------------------------------------------------------------------
+
+    def dense_architecture(self) -> Architecture:
+        blocks = [BlockChoice("msa", tuple(range(h))) for h in self.mlp_hidden]
+        return Architecture(self.name, self.img_size, self.num_classes, tuple(blocks))
+
+    def architecture(self) -> Architecture:
+        """The deterministic choice of the current gates (logit > 0)."""
+        blocks = [BlockChoice(b.attn.current_mixer(), tuple(b.mlp.kept_units().tolist())) for b in self.blocks]
+        return Architecture(self.name, self.img_size, self.num_classes, tuple(blocks))
+
+    def validate_architecture(self, arch: Architecture) -> None:
+        arch.validate_for(
+            model=self.name, img_size=self.img_size, num_classes=self.num_classes, mlp_hidden=self.mlp_hidden
+        )
+
+    def fix_architecture(self, arch: Architecture) -> None:
+        """Compute exactly `arch` from now on: only each block's mixer, only its kept hidden units."""
+        self.validate_architecture(arch)
+        device = self.blocks[0].mlp.fc1.weight.device
+        for block, choice in zip(self.blocks, arch.blocks, strict=True):
+            block.attn.fixed_mixer = choice.mixer
+            block.mlp.fixed_kept = torch.tensor(choice.mlp_kept, dtype=torch.long, device=device)
+        self._fixed = arch
+
+    def release_architecture(self) -> None:
+        """Go back to gate-driven forwards (sampled in training, logit > 0 in eval)."""
+        for block in self.blocks:
+            block.attn.fixed_mixer = None
+            block.mlp.fixed_kept = None
+        self._fixed = None
+
+    @property
+    def fixed_architecture(self) -> Architecture | None:
+        return self._fixed
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gate logits, which train with their own optimizer and no weight decay."""
+        return [m.logits for m in self.modules() if isinstance(m, BinaryGates)]
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, gh·gw, D)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.pos_embed is None:
+            return torch.cat([*prefix, x], dim=1)
+        if self.no_embed_class:  # position embeddings cover the patch tokens only
+            return self.pos_drop(torch.cat([*prefix, x + self.pos_embed], dim=1))
+        return self.pos_drop(torch.cat([*prefix, x], dim=1) + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            # The conv candidates work on a fixed token grid, even where timm allows dynamic sizes.
+            raise ValueError(
+                f"'{self.name}' supernet takes {self.img_size}x{self.img_size} images, got {x.shape[-2]}x{x.shape[-1]}"
+            )
+        x = self.patch_embed(x).flatten(1, -2)  # (B, gh·gw, D); dynamic-size models return (B, gh, gw, D)
+        x = self.norm_pre(self._pos_embed(x))  # (B, N, D)
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = global_pool_nlc(x, self.global_pool, self.num_prefix_tokens, self.pool_include_prefix)
+        return self.head(self.head_drop(self.fc_norm(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
