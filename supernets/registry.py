@@ -103,7 +103,7 @@ def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: 
     expected = model.state_dict()
     head_keys = {k for k in expected if k.startswith("head.")}
     reinit = set()
-    if reset_head and any(k in state and state[k].shape != expected[k].shape for k in head_keys):
+    if reset_head and _only_class_count_differs(state.get("head.weight"), expected.get("head.weight")):
         warnings.warn(f"{path}: classifier head has another number of classes; it is re-initialised", stacklevel=2)
         state = {k: v for k, v in state.items() if k not in head_keys}
         reinit = head_keys
@@ -122,3 +122,12 @@ def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: 
         ]
         raise ValueError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
     model.load_state_dict(state, strict=False)
+
+
+def _only_class_count_differs(saved: torch.Tensor | None, wanted: torch.Tensor | None) -> bool:
+    return (
+        saved is not None
+        and wanted is not None
+        and saved.shape[0] != wanted.shape[0]
+        and saved.shape[1:] == wanted.shape[1:]
+    )

@@ -1,0 +1,71 @@
+"""Helpers shared by the tests: tiny model settings, weight randomisation, random architectures."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from supernets import MIXERS, Architecture, BlockChoice
+
+TINY = dict(img_size=32, patch_size=4, num_classes=10)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter and BN statistic random values, so that no bias, norm or scale is trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gates.logits"):
+                continue
+            p.copy_(p + scale * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+    return model
+
+
+def random_architecture(depth: int = 6, hidden: int = 192, seed: int = 0, model: str = "test_vit") -> Architecture:
+    rng = random.Random(seed)
+    blocks = [
+        BlockChoice(rng.choice(MIXERS), tuple(sorted(rng.sample(range(hidden), rng.randint(0, hidden)))))
+        for _ in range(depth)
+    ]
+    return Architecture(model, 32, 10, tuple(blocks))
+
+
+def hand_built_bconv(attn, kernel_size: int):
+    """Kernel, bias and projection from W_p = Σ_h softmax(z/t)[h, p]·W_v^h, written with plain loops."""
+    heads, dh = attn.num_heads, attn.head_dim
+    s = torch.softmax(attn.head_mix_logits.detach() / attn.head_mix_temperature, dim=0)  # (heads, 9)
+    taps = [(ky, kx) for ky in range(3) for kx in range(3)] if kernel_size == 3 else [(1, 1)]
+    wv, wp = attn.v.weight.detach(), attn.proj.weight.detach()
+    kernel = torch.zeros(dh, wv.shape[1], kernel_size, kernel_size)
+    bias = torch.zeros(dh)
+    proj = torch.zeros(wp.shape[0], dh)
+    offset = 1 - kernel_size // 2  # tap (1, 1) is the only one, at (0, 0), of a 1x1 kernel
+    for ky, kx in taps:
+        p = 3 * ky + kx
+        for h in range(heads):
+            rows = slice(h * dh, (h + 1) * dh)
+            kernel[:, :, ky - offset, kx - offset] += s[h, p] * wv[rows]
+            if attn.v.bias is not None:
+                bias += s[h, p] * attn.v.bias.detach()[rows]
+            proj += s[h, p] * wp[:, rows]
+    return kernel, bias, proj
+
+
+def reference_bconv(attn, x: torch.Tensor, kernel_size: int, batch_stats: bool) -> torch.Tensor:
+    """conv → BN → ReLU → projection on the patch grid of x (B, N, D); zeros for the prefix tokens."""
+    kernel, bias, proj = hand_built_bconv(attn, kernel_size)
+    bn = attn.bn1 if kernel_size == 1 else attn.bn3
+    B, _, D = x.shape
+    prefix = attn.num_prefix_tokens
+    grid = x[:, prefix:].transpose(1, 2).reshape(B, D, *attn.grid_size)
+    y = F.conv2d(grid, kernel, bias, padding=kernel_size // 2)
+    y = F.batch_norm(y, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias, batch_stats, 0.0, bn.eps)
+    y = F.linear(F.relu(y).flatten(2).transpose(1, 2), proj, attn.proj.bias)
+    return torch.cat([torch.zeros(B, prefix, D), y], dim=1)
