@@ -1,0 +1,320 @@
+"""Datasets and loaders, named like timm names them: `digits`, `torch/NAME` or a folder path.
+
+- `digits`: scikit-learn's 1,797 handwritten 8x8 digits (10 classes). They ship inside scikit-learn, so the demo and
+  the tests have real data without a download. A fixed stratified 80/20 split, upsampled (bilinear) to the requested
+  size, gray repeated to 3 channels.
+- `torch/NAME`: a torchvision dataset through timm's `create_dataset` (cifar10, cifar100, mnist, ...). It is fetched
+  only when `download=True`; otherwise missing data is a clear error, never a silent download.
+- a folder path: images as `<folder>/<class>/<image>` (timm's ImageDataset). Either `<folder>` holds `train/` and
+  `val/` (or `validation/`), or it is a single folder of class subfolders, split deterministically 80/20 per class.
+
+Every kind is normalised with timm's ImageNet mean and std, so a model sees the same input statistics whatever the
+dataset, and pretrained timm weights see the statistics they were trained with.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.utils import natural_key
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.transforms import Compose
+
+SPLITS = ("train", "val")
+VAL_FRACTION = 0.2
+"""Share of every class held out for `val` (digits, and a folder without train/ and val/)."""
+SPLIT_SEED = 0
+"""Seed of the held-out split. Fixed, not the run's seed, so every run validates on the same images."""
+TORCH_DATASETS = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist", "places365", "inaturalist")
+"""The `torch/NAME` datasets timm's create_dataset builds and torchvision can download (ImageNet: use a folder)."""
+DEFAULT_TORCH_ROOT = Path.home() / ".cache" / "spvit-search" / "datasets"
+"""Where `torch/NAME` data lives when no root is given."""
+_VAL_DIRS = ("val", "validation")
+_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Everything needed to build the train and val loaders of a run; stored with the run's config."""
+
+    spec: str = "digits"
+    """`digits`, `torch/NAME` or a folder path."""
+    img_size: int = 32
+    """Side of the square images the model sees."""
+    batch_size: int = 64
+    """Samples per batch (per process when distributed)."""
+    num_workers: int = 0
+    """DataLoader worker processes; 0 loads in the main process (enough for digits)."""
+    download: bool = False
+    """Let a `torch/NAME` dataset download itself when missing. Nothing else ever downloads."""
+    root: str | None = None
+    """Directory of a `torch/NAME` dataset (default DEFAULT_TORCH_ROOT); unused by the other kinds."""
+    augment: bool = True
+    """Random augmentation for the train split (timm's train transform; a random shift for digits). Val never is."""
+    seed: int = 0
+    """Seed of the loaders' shuffling and worker RNGs (not of the val split, which is fixed)."""
+
+
+def build_loaders(cfg: DataConfig, distributed: bool = False) -> tuple[DataLoader, DataLoader]:
+    """The (train, val) loaders a run trains and evaluates with."""
+    loaders = []
+    for split in SPLITS:
+        dataset = build_dataset(cfg.spec, split, cfg.img_size, cfg.download, cfg.root, cfg.augment)
+        loaders.append(build_loader(dataset, cfg.batch_size, split == "train", cfg.num_workers, cfg.seed, distributed))
+    return loaders[0], loaders[1]
+
+
+def build_dataset(
+    spec: str | os.PathLike[str],
+    split: str,
+    img_size: int,
+    download: bool = False,
+    root: str | os.PathLike[str] | None = None,
+    augment: bool = True,
+) -> Dataset:
+    """One split of a dataset as (image (3, img_size, img_size) float tensor, class index) samples.
+
+    `augment` only applies to the train split. `download` and `root` only apply to `torch/NAME` datasets.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if img_size < 1:
+        raise ValueError(f"img_size must be a positive number of pixels, got {img_size}")
+    name = os.fspath(spec)
+    augment = augment and split == "train"
+    if root is not None and not name.startswith("torch/"):
+        raise ValueError(f"root only applies to torch/NAME datasets, not {name!r} (a folder dataset is its own path)")
+    if name == "digits":
+        return DigitsDataset(split, img_size, augment)
+    if name.startswith("torch/"):
+        return _torch_dataset(name.removeprefix("torch/"), split, img_size, download, root, augment)
+    if "/" in name or os.sep in name or name.startswith((".", "~")) or Path(name).exists():
+        return _folder_dataset(Path(name).expanduser(), split, img_size, augment)
+    raise ValueError(f"unknown dataset {name!r}: use 'digits', 'torch/NAME' (e.g. torch/cifar10) or a folder path")
+
+
+def num_classes_of(dataset: Dataset) -> int:
+    """How many classes a dataset from `build_dataset` has: the size of the classifier head it needs."""
+    if isinstance(dataset, Subset):
+        return num_classes_of(dataset.dataset)
+    if hasattr(dataset, "classes"):  # DigitsDataset and torchvision datasets
+        return len(dataset.classes)
+    reader = getattr(dataset, "reader", None)  # timm ImageDataset
+    if reader is not None and hasattr(reader, "class_to_idx"):
+        return len(reader.class_to_idx)
+    raise ValueError(f"cannot tell how many classes a {type(dataset).__name__} has")
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    distributed: bool = False,
+) -> DataLoader:
+    """A CPU-safe DataLoader (no prefetcher, no pinned memory) that shuffles reproducibly from `seed` when `train`.
+
+    The sampler is always a DistributedSampler (a single replica unless `distributed`), so a training loop calls
+    `loader.sampler.set_epoch(epoch)` the same way with or without DDP: epoch e is a permutation drawn from a
+    torch.Generator seeded with `seed + e`, so a resumed run sees the order an uninterrupted one would, and one
+    process sees the order a one-process DDP run would. Without set_epoch every epoch repeats epoch 0's order.
+    Distributed val pads each rank to the same length with up to world_size - 1 repeated samples.
+    Worker RNGs (augmentation) derive from a generator seeded with `seed`; with num_workers=0 augmentation draws from
+    the global torch RNG, which the training loop seeds. A plain DataLoader rather than timm's create_loader, which
+    replaces the dataset's transform and shuffles without a seed.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs torch.distributed initialised first (init_process_group)")
+    replicas, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=train, seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def holdout_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified (train, val) index lists: `fraction` of every class, at least one image, goes to val.
+
+    A class with a single image stays in train. Uses its own RNG, so the split ignores the global random state.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(targets)
+    train: list[int] = []
+    val: list[int] = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_val = min(len(members) - 1, max(1, round(fraction * len(members))))
+        val += members[:n_val].tolist()
+        train += members[n_val:].tolist()
+    return sorted(train), sorted(val)
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits as (3, img_size, img_size) tensors normalised with ImageNet mean and std.
+
+    `indices` are the rows of `load_digits()` this split holds. The upsampled images are computed once per
+    (split, img_size) and shared between instances; training augmentation shifts a digit by up to one source pixel
+    (img_size // 8) in each direction, filling with background.
+    """
+
+    classes = tuple(str(d) for d in range(10))
+
+    def __init__(self, split: str, img_size: int, augment: bool = False) -> None:
+        self.images, self.targets, self.indices = _digits_tensors(split, img_size)
+        self.augment = augment
+        self.pad = max(1, img_size // 8)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index]  # (1, S, S) in [0, 1]
+        if self.augment:
+            image = _random_shift(image, self.pad)
+        image = image.expand(3, -1, -1)  # (3, S, S)
+        return (image - _MEAN) / _STD, int(self.targets[index])
+
+
+@lru_cache(maxsize=8)
+def _digits_tensors(split: str, img_size: int) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Images (N, 1, S, S) in [0, 1], targets (N,) and source rows of one digits split; cached, never mutate."""
+    digits = load_digits()
+    train, val = holdout_split(digits.target.tolist(), VAL_FRACTION, SPLIT_SEED)
+    rows = train if split == "train" else val
+    images = torch.from_numpy(digits.images[rows]).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8), sklearn's 0..16
+    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)  # (N, 1, S, S)
+    return images, torch.from_numpy(digits.target[rows]).long(), tuple(rows)
+
+
+def _random_shift(image: Tensor, pad: int) -> Tensor:
+    """Shift (C, S, S) by up to `pad` pixels each way: zero-pad, then crop back at a random offset."""
+    size = image.shape[-1]
+    padded = F.pad(image, (pad, pad, pad, pad))  # (C, S + 2 pad, S + 2 pad)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    return padded[:, dy : dy + size, dx : dx + size]
+
+
+def _timm_transform(img_size: int, split: str, augment: bool) -> Compose:
+    """timm's train transform when augmenting, its no-augmentation train transform otherwise, its eval one for val."""
+    return create_transform(img_size, is_training=split == "train", no_aug=not augment)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Gray datasets (MNIST and friends) to 3 channels, as the ImageNet normalisation expects; picklable for workers."""
+    return image.convert("RGB")
+
+
+def _torch_dataset(
+    name: str, split: str, img_size: int, download: bool, root: str | os.PathLike[str] | None, augment: bool
+) -> Dataset:
+    """A torchvision dataset through timm; a missing dataset without `download` is a FileNotFoundError."""
+    if name not in TORCH_DATASETS:
+        close = difflib.get_close_matches(name, TORCH_DATASETS, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(f"unknown torchvision dataset 'torch/{name}': {hint}supported: {', '.join(TORCH_DATASETS)}")
+    folder = Path(root).expanduser() if root is not None else DEFAULT_TORCH_ROOT
+    transform = Compose([_to_rgb, _timm_transform(img_size, split, augment)])
+    try:
+        return create_dataset(f"torch/{name}", root=str(folder), split=split, download=download, transform=transform)
+    except (RuntimeError, FileNotFoundError) as err:
+        if download:
+            raise
+        raise FileNotFoundError(
+            f"torch/{name} not found under {folder}: pass --download (download=True) to fetch it, "
+            "or a root directory that holds it"
+        ) from err
+
+
+def _folder_dataset(folder: Path, split: str, img_size: int, augment: bool) -> Dataset:
+    """An ImageFolder-style dataset (timm's ImageDataset) for one split; see `_split_folder` for the layouts."""
+    split_dir, holdout = _split_folder(folder, split)
+    class_dir = folder / "train" if not holdout else folder
+    classes = _check_image_folder(class_dir)
+    if split_dir != class_dir:
+        extra = sorted(set(_check_image_folder(split_dir)) - set(classes))
+        if extra:
+            raise ValueError(f"{split_dir} has classes missing from {class_dir}: {', '.join(extra)}")
+    dataset = create_dataset(
+        "",
+        root=str(split_dir),
+        split=split,
+        search_split=False,
+        class_map={name: index for index, name in enumerate(classes)},
+        transform=_timm_transform(img_size, split, augment),
+    )
+    if not holdout:
+        return dataset
+    train, val = holdout_split([target for _, target in dataset.reader.samples], VAL_FRACTION, SPLIT_SEED)
+    if not val:
+        raise ValueError(f"{folder}: too few images to hold out a val split; add train/ and val/ folders")
+    return Subset(dataset, train if split == "train" else val)
+
+
+def _split_folder(folder: Path, split: str) -> tuple[Path, bool]:
+    """The folder holding `split`, and whether it must be split: train/ + val/ (or validation/), else the folder itself.
+
+    A single folder of class subfolders serves both splits through `holdout_split` (fixed seed, 80/20 per class).
+    """
+    if not folder.exists():
+        raise FileNotFoundError(f"dataset folder not found: {folder} (a dataset is 'digits', 'torch/NAME' or a folder)")
+    if not folder.is_dir():
+        raise ValueError(f"dataset path is not a folder: {folder}")
+    train_dir = folder / "train"
+    val_dir = next((folder / name for name in _VAL_DIRS if (folder / name).is_dir()), None)
+    if not train_dir.is_dir() and val_dir is None:
+        return folder, True
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{folder} has {val_dir.name}/ but no train/ folder")
+    if val_dir is None:
+        raise FileNotFoundError(f"{folder} has train/ but no val/ or validation/ folder")
+    return (train_dir if split == "train" else val_dir), False
+
+
+def _check_image_folder(folder: Path) -> list[str]:
+    """The class names (natural order) of `<folder>/<class>/<image>`, after checking there are decodable images.
+
+    Checks the first image found only, so that a large folder is not read twice; timm skips unreadable files later.
+    """
+    classes = sorted((path.name for path in folder.iterdir() if path.is_dir()), key=natural_key)
+    if not classes:
+        raise ValueError(f"no class subfolders in {folder} (expected {folder}/<class>/<image>.png)")
+    extensions = get_img_extensions(as_set=True)
+    image = other = None
+    for path in (path for name in classes for path in sorted((folder / name).iterdir()) if path.is_file()):
+        if path.suffix.lower() in extensions:
+            image = path
+            break
+        other = other or path
+    if image is None and other is None:
+        raise ValueError(f"no images in {folder}: its class subfolders are empty")
+    if image is None:
+        expected = ", ".join(sorted(extensions))
+        raise ValueError(f"files in {folder} are not images (e.g. {other.name}); expected {expected}")
+    try:
+        with Image.open(image) as opened:
+            opened.verify()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{image} is not a readable image ({err})") from err
+    return classes
