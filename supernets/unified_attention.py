@@ -119,6 +119,16 @@ class UnifiedAttention(nn.Module):
             return torch.zeros_like(x)
         return self._forward_conv(x, CONV_KERNEL_SIZE[mixer])
 
+    def parameters_for(self, mixer: str) -> list[nn.Parameter]:
+        """The parameters `mixer` uses: a conv keeps v, proj, z and its own BN, but not qk."""
+        if mixer == "skip":
+            return []
+        if mixer == "msa":
+            modules = [self.qk, self.q_norm, self.k_norm, self.v, self.proj]
+            return [p for m in modules for p in m.parameters()]
+        bn = self.bn1 if CONV_KERNEL_SIZE[mixer] == 1 else self.bn3
+        return [*self.v.parameters(), *self.proj.parameters(), self.head_mix_logits, *bn.parameters()]
+
     def head_mix(self) -> torch.Tensor:
         """s = softmax over heads of z / t, per kernel tap: (heads, 9)."""
         return torch.softmax(self.head_mix_logits / self.head_mix_temperature, dim=0)

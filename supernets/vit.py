@@ -61,10 +61,30 @@ class SuperBlock(nn.Module):
         self.ls2 = copy.deepcopy(block.ls2)
         self.drop_path2 = copy.deepcopy(block.drop_path2)
 
+    def mixer_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attn.chosen_mixer() != "skip":
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.attn.chosen_mixer() != "skip":  # a skipped mixer costs nothing, its norm included
+            x = x + self.drop_path1(self.mixer_branch(x))
+        return x + self.drop_path2(self.mlp_branch(x))
+
+    def mixer_parameters(self, mixer: str) -> list[nn.Parameter]:
+        """The parameters a subnet needs for `mixer` in this block's mixer branch."""
+        if mixer == "skip":
+            return []
+        return [*self.norm1.parameters(), *self.ls1.parameters(), *self.attn.parameters_for(mixer)]
+
+    def mlp_parameter_counts(self) -> tuple[int, int]:
+        """(parameters of the MLP branch that every width needs, parameters per kept hidden unit)."""
+        mlp = self.mlp
+        fixed = [*self.norm2.parameters(), *self.ls2.parameters()]
+        fixed_count = sum(p.numel() for p in fixed) + (mlp.fc2.bias.numel() if mlp.fc2.bias is not None else 0)
+        per_unit = mlp.fc1.in_features + (mlp.fc1.bias is not None) + mlp.fc2.out_features
+        return fixed_count, per_unit
 
 
 class VisionTransformerSupernet(nn.Module):

@@ -28,13 +28,15 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
     return model
 
 
-def random_architecture(depth: int = 6, hidden: int = 192, seed: int = 0, model: str = "test_vit") -> Architecture:
+def random_architecture(
+    depth: int = 6, hidden: int = 192, seed: int = 0, model: str = "test_vit", img_size: int = 32, num_classes: int = 10
+) -> Architecture:
     rng = random.Random(seed)
     blocks = [
         BlockChoice(rng.choice(MIXERS), tuple(sorted(rng.sample(range(hidden), rng.randint(0, hidden)))))
         for _ in range(depth)
     ]
-    return Architecture(model, 32, 10, tuple(blocks))
+    return Architecture(model, img_size, num_classes, tuple(blocks))
 
 
 def hand_built_bconv(attn, kernel_size: int):

@@ -1,0 +1,81 @@
+"""FLOPs budgets and the complexity loss that pulls the search to them.
+
+Budgets are MACs: absolute (`3.2G`, `3200M`, `850K`, `1.2e9`) or relative to the dense model (`0.7x`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+LOSS_FORMS = ("paper", "normalized", "auto")
+_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMGT]?|x)\s*$", re.IGNORECASE)
+
+
+def parse_budget(text: str, dense_macs: int) -> int:
+    """MACs of a budget string; `x` budgets are relative to `dense_macs`."""
+    match = _BUDGET.match(str(text))
+    if match is None:
+        raise ValueError(f"malformed budget '{text}': use MACs like 3.2G or 3200M, or a fraction of dense like 0.7x")
+    value, unit = float(match.group(1)), match.group(2)
+    macs = value * dense_macs if unit.lower() == "x" else value * _UNITS[unit.upper()]
+    if macs <= 0:
+        raise ValueError(f"budget '{text}' must be positive")
+    return round(macs)
+
+
+def check_budget(target: int, macs_range: tuple[int, int], text: str | None = None) -> None:
+    """Raise a `ValueError` that prints the search space's range if `target` lies outside it."""
+    low, high = macs_range
+    if not low <= target <= high:
+        asked = f"'{text}' = " if text else ""
+        raise ValueError(
+            f"budget {asked}{target / 1e9:.4f} GMACs is outside the search space's range "
+            f"[{low / 1e9:.4f}, {high / 1e9:.4f}] GMACs ({low / high:.3f}x to 1.000x of the largest)"
+        )
+
+
+@dataclass
+class ComplexityLoss:
+    """Penalty on the distance between the current MACs F and the target T.
+
+    - `paper`: λ·(T − F)² with T and F in GMACs, SPViT's form; λ must suit the model's size.
+    - `normalized`: λ·((F − T)/T)², the same pull whatever the model's size.
+    - `auto`: the normalized form with λ found by dual ascent on the constraint |F − T|/T ≤ tolerance,
+      taken on log λ with the violation's sign: after every step λ grows by the factor e^lambda_lr
+      while the architecture is off target and shrinks by it once inside the band. The factor makes
+      the pull independent of the model's size and of how long the gates take to move.
+    """
+
+    target: int
+    form: str = "auto"
+    lam: float = 1.0
+    lambda_lr: float = 0.02
+    tolerance: float = 0.01
+    lam_bounds: tuple[float, float] = (1e-3, 1e6)
+
+    def __post_init__(self) -> None:
+        if self.form not in LOSS_FORMS:
+            raise ValueError(f"unknown complexity loss '{self.form}'; expected one of {', '.join(LOSS_FORMS)}")
+        if self.target <= 0:
+            raise ValueError("the complexity target must be positive")
+
+    def __call__(self, flops: torch.Tensor) -> torch.Tensor:
+        if self.form == "paper":
+            return self.lam * ((self.target - flops) / 1e9) ** 2
+        return self.lam * self.relative_error(flops) ** 2
+
+    def relative_error(self, flops: torch.Tensor | float) -> torch.Tensor | float:
+        return (flops - self.target) / self.target
+
+    def update(self, flops: torch.Tensor | float) -> None:
+        """One dual-ascent step on λ (only for `auto`), from the MACs of the step just taken."""
+        if self.form != "auto":
+            return
+        off_target = abs(float(self.relative_error(flops))) > self.tolerance
+        lam = self.lam * math.exp(self.lambda_lr if off_target else -self.lambda_lr)
+        self.lam = min(max(lam, self.lam_bounds[0]), self.lam_bounds[1])
