@@ -25,12 +25,16 @@ def sdpa_macs(inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
 
 def count_macs_by_operator(module: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
     """fvcore's MACs per operator for one forward of `module` (in its current train/eval mode)."""
+    return {op: int(n) for op, n in _analysis(module, inputs).by_operator().items()}
+
+
+def _analysis(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> FlopCountAnalysis:
     analysis = FlopCountAnalysis(module, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_macs)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
-    return {op: int(n) for op, n in analysis.by_operator().items()}
+    return analysis
 
 
 def total_macs(by_operator: dict[str, int], convention: str) -> int:
@@ -45,8 +49,31 @@ def count_macs(module: nn.Module, *inputs: torch.Tensor, convention: str = "fvco
     return total_macs(count_macs_by_operator(module, *inputs), convention)
 
 
-def fixed_parameter_count(net: nn.Module) -> int:
-    """Parameters outside the blocks' choices: stem, tokens, final norm, head (gate logits excluded)."""
-    gates = {id(p) for p in net.gate_parameters()}
-    in_blocks = {id(p) for p in net.blocks.parameters()}
-    return sum(p.numel() for p in net.parameters() if id(p) not in gates and id(p) not in in_blocks)
+def count_macs_by_child(module: nn.Module, *inputs: torch.Tensor, convention: str = "fvcore") -> dict[str, int]:
+    """MACs of one forward per top-level child module of `module`."""
+    analysis = _analysis(module, inputs)
+    return {
+        name: total_macs(dict(ops), convention)
+        for name, ops in analysis.by_module_and_operator().items()
+        if name and "." not in name
+    }
+
+
+def fixed_parameter_counts(net: nn.Module) -> dict[str, int]:
+    """Parameters outside the blocks, per top-level child; `tokens` holds the net's own (class token,
+    position embeddings). Gate logits are search-only and not counted."""
+    counts = {
+        name: sum(p.numel() for p in child.parameters()) for name, child in net.named_children() if name != "blocks"
+    }
+    counts["tokens"] = sum(p.numel() for p in net.parameters(recurse=False))
+    return counts
+
+
+def fixed_rows(net: nn.Module, macs: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per part outside the blocks (patch embedding, tokens, norms, head)."""
+    params = fixed_parameter_counts(net)
+    return [
+        dict(block=-1, item="fixed", choice=name, macs=macs.get(name, 0), params=params.get(name, 0))
+        for name in [*params, *(n for n in macs if n not in params)]
+        if macs.get(name, 0) or params.get(name, 0)
+    ]

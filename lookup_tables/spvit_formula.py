@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .counting import fixed_parameter_count
+from .counting import fixed_rows
 
 
 def spvit_rows(net: nn.Module) -> list[dict[str, Any]]:
@@ -20,8 +20,7 @@ def spvit_rows(net: nn.Module) -> list[dict[str, Any]]:
     t = n + net.num_prefix_tokens
     dim, patch = net.embed_dim, net.patch_embed.patch_size[0]
     in_chans = net.patch_embed.proj.in_channels
-    fixed = n * dim * in_chans * patch * patch + dim * net.num_classes + len(net.blocks) * 2 * dim * t
-    rows = [dict(block=-1, item="fixed", choice="", macs=fixed, params=fixed_parameter_count(net))]
+    rows = fixed_rows(net, {"patch_embed": n * dim * in_chans * patch * patch, "head": dim * net.num_classes})
     for i, block in enumerate(net.blocks):
         d = block.attn.head_dim
         macs = {
@@ -34,7 +33,8 @@ def spvit_rows(net: nn.Module) -> list[dict[str, Any]]:
             params = sum(p.numel() for p in block.mixer_parameters(mixer))
             rows.append(dict(block=i, item="mixer", choice=mixer, macs=m, params=params))
         fixed_params, unit_params = block.mlp_parameter_counts()
-        rows.append(dict(block=i, item="mlp_fixed", choice="", macs=0, params=fixed_params))
+        norms = 2 * dim * t  # both LayerNorms of the block, whatever its choices
+        rows.append(dict(block=i, item="mlp_fixed", choice="", macs=norms, params=fixed_params))
         rows.append(
             dict(
                 block=i,

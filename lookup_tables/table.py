@@ -22,7 +22,7 @@ from torch import nn
 from supernets import MIXERS, Architecture, BlockChoice
 from supernets.io import atomic_write_text
 
-from .counting import count_macs_by_operator, fixed_parameter_count, total_macs
+from .counting import count_macs, count_macs_by_child, fixed_rows
 from .spvit_formula import spvit_rows
 
 CONVENTIONS = ("fvcore", "core", "spvit")
@@ -35,7 +35,7 @@ _META_FIELDS = ("model", "img_size", "num_classes", "model_kwargs", "convention"
 class LookupTable:
     """One row per block and choice (`item` mixer / mlp_fixed / mlp_unit) plus the fixed costs.
 
-    `units` is the MLP hidden size on `mlp_unit` rows; block -1 holds the fixed costs.
+    `units` is the MLP hidden size on `mlp_unit` rows; block -1 holds the fixed costs, one row per part.
     """
 
     def __init__(self, meta: dict[str, Any], frame: pd.DataFrame) -> None:
@@ -195,7 +195,10 @@ def _measured_rows(net: nn.Module, convention: str) -> list[dict[str, Any]]:
     rows = []
     block_inputs = _block_input_shapes(net)
     with _fixed(net, _smallest_architecture(net)):
-        fixed_macs = _measure(net, _image(net), convention)  # every mixer skipped, every MLP empty
+        # Every mixer skipped and every MLP empty: what remains outside the blocks is the fixed cost.
+        with torch.no_grad():
+            by_child = count_macs_by_child(net, _image(net), convention=convention)
+        empty_blocks = by_child.pop("blocks")
         for i, (block, shape) in enumerate(zip(net.blocks, block_inputs, strict=True)):
             x = torch.zeros(shape)
             for mixer in MIXERS:
@@ -214,9 +217,10 @@ def _measured_rows(net: nn.Module, convention: str) -> list[dict[str, Any]]:
             fixed_params, unit_params = block.mlp_parameter_counts()
             rows.append(dict(block=i, item="mlp_fixed", choice="", macs=mlp_at[0], params=fixed_params))
             rows.append(dict(block=i, item="mlp_unit", choice="", macs=per_unit, params=unit_params, units=hidden))
-            fixed_macs -= mlp_at[0]
-    rows.insert(0, dict(block=-1, item="fixed", choice="", macs=fixed_macs, params=fixed_parameter_count(net)))
-    return rows
+            empty_blocks -= mlp_at[0]
+    if empty_blocks != 0:
+        raise RuntimeError(f"block costs are not additive: {empty_blocks} MACs of the empty blocks are unaccounted for")
+    return fixed_rows(net, by_child) + rows
 
 
 class _Branch(nn.Module):
@@ -233,7 +237,7 @@ class _Branch(nn.Module):
 
 def _measure(module: nn.Module, x: torch.Tensor, convention: str) -> int:
     with torch.no_grad():
-        return total_macs(count_macs_by_operator(module, x), convention)
+        return count_macs(module, x, convention=convention)
 
 
 def _image(net: nn.Module) -> torch.Tensor:
