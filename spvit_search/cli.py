@@ -40,14 +40,37 @@ def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
     return kwargs
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, weights: bool = False) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="supernet name, e.g. deit_tiny_patch16_224 (see list_supernets)")
+    if weights:
+        source = group.add_mutually_exclusive_group()
+        source.add_argument("--checkpoint", default=None, help="timm-format weights (.safetensors, .pth, .pt)")
+        source.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (downloads)")
     group.add_argument("--img-size", type=int, default=None, help="input image size (default: the model's)")
     group.add_argument("--num-classes", type=int, default=None, help="classifier classes (default: the model's)")
     group.add_argument(
         "--model-kwargs", nargs="*", default=[], metavar="K=V", help="extra timm model arguments, e.g. patch_size=4"
     )
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default="digits", help="digits (embedded), torch/NAME, or an image folder")
+    group.add_argument("--data-root", default=None, help="where torch/NAME datasets live")
+    group.add_argument("--download", action="store_true", help="allow torch/NAME datasets to download")
+    group.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation")
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--out", required=True, help="run directory")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +87,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(lut)
     lut.add_argument("--convention", choices=("fvcore", "core", "spvit"), default="fvcore", help="how MACs count")
     lut.add_argument("--out", default=None, help="CSV file to write (default: print only)")
+
+    search = sub.add_parser(
+        "search",
+        help="search an architecture under a FLOPs budget",
+        description="Train the supernet's gates and weights so that its architecture lands on --target MACs. "
+        "Writes config.json, metrics.jsonl, arch_epoch{N}.json, arch.json, supernet.safetensors and summary.json "
+        "into --out. Runs under torchrun for DDP.",
+    )
+    add_model_arguments(search, weights=True)
+    add_data_arguments(search)
+    budget = search.add_argument_group("budget and complexity loss")
+    budget.add_argument("--target", required=True, help="MACs budget: 3.2G, 3200M, or 0.6x of dense")
+    budget.add_argument("--convention", choices=("fvcore", "core", "spvit"), default="fvcore", help="how MACs count")
+    budget.add_argument("--lut", default=None, help="lookup table CSV from `spvit lut` (default: build it)")
+    budget.add_argument(
+        "--complexity-loss", choices=("auto", "normalized", "paper"), default="auto",
+        help="auto: normalized loss with λ by dual ascent; paper: λ·(T-F)² in GMACs",
+    )  # fmt: skip
+    budget.add_argument("--lam", type=float, default=1.0, help="λ (the starting value for auto)")
+    budget.add_argument("--lambda-lr", type=float, default=0.02, help="auto: log-λ step per optimizer step")
+    budget.add_argument("--estimator", choices=("threshold", "expected"), default="threshold", help="MACs of the gates")
+    budget.add_argument(
+        "--tolerance", type=float, default=0.01, help="relative distance to the target that is on target"
+    )
+    budget.add_argument("--patience", type=int, default=3, help="stop after this many on-target epochs in a row")
+    budget.add_argument("--no-project", dest="project", action="store_false", help="skip the final budget projection")
+    optim = search.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=10)
+    optim.add_argument("--lr", type=float, default=2e-4, help="weights learning rate (AdamW, warmup-cosine)")
+    optim.add_argument("--gate-lr", type=float, default=0.02, help="gate logits learning rate (AdamW, no decay)")
+    optim.add_argument("--weight-decay", type=float, default=0.05)
+    optim.add_argument("--warmup-epochs", type=int, default=0)
+    optim.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    optim.add_argument("--clip-grad", type=float, default=5.0, help="max gradient norm (0: off)")
+    optim.add_argument("--gate-init", type=float, default=1.5, help="initial gate logit")
+    optim.add_argument("--gate-temperature", type=float, default=1.0, help="binary-concrete temperature")
+    optim.add_argument("--head-mix-temperature", type=float, default=0.01, help="softmax temperature of z")
+    optim.add_argument("--sync-gates", action="store_true", help="DDP: the same gate draws on every rank")
+    add_run_arguments(search)
 
     sub.add_parser("demo", help="run the main job end to end on the embedded digits data", description=DEMO_PLAN)
     return parser
@@ -88,7 +150,32 @@ def run_lut(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-COMMANDS = {"lut": run_lut, "demo": lambda args: print(DEMO_PLAN)}
+def run_search_command(args: argparse.Namespace) -> None:
+    from .search import SearchConfig, run_search
+
+    config = SearchConfig(
+        model=args.model, data=args.data, out=args.out, target=args.target, checkpoint=args.checkpoint,
+        pretrained=args.pretrained, img_size=args.img_size, num_classes=args.num_classes,
+        model_kwargs=parse_model_kwargs(args.model_kwargs), convention=args.convention, lut=args.lut,
+        complexity_loss=args.complexity_loss, lam=args.lam, lambda_lr=args.lambda_lr, estimator=args.estimator,
+        tolerance=args.tolerance, patience=args.patience, project=args.project, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.smoothing, grad_clip=args.clip_grad or None,
+        gate_init=args.gate_init, gate_temperature=args.gate_temperature,
+        head_mix_temperature=args.head_mix_temperature, sync_gates=args.sync_gates, data_root=args.data_root,
+        download=args.download, augment=args.augment, num_workers=args.workers, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, progress=args.progress,
+    )  # fmt: skip
+    summary = run_search(config, resume=args.resume)
+    print(
+        f"searched {summary['model']}: {summary['macs'] / 1e9:.4f} GMACs "
+        f"({summary['macs'] / summary['dense_macs']:.3f}x of dense, target {summary['target_macs'] / 1e9:.4f}), "
+        f"{summary['params'] / 1e6:.3f} M params, val top-1 {summary['val_acc1']:.2f}%"
+    )
+    print(f"mixers {summary['mixers']}, MLP units kept {summary['mlp_kept']:.1%}; wrote {args.out}/arch.json")
+
+
+COMMANDS = {"lut": run_lut, "search": run_search_command, "demo": lambda args: print(DEMO_PLAN)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,11 +37,14 @@ class BinaryGates(nn.Module):
         super().__init__()
         self.logits = nn.Parameter(torch.full((num_gates,), float(init)))
         self.temperature = temperature
+        self.generator: torch.Generator | None = None  # where training draws come from; None: the global RNG
 
     def forward(self) -> torch.Tensor:
         if not self.training:
             return self.is_on().to(self.logits.dtype)
-        u = torch.rand_like(self.logits).clamp(_EPS, 1 - _EPS)
+        u = torch.rand(
+            self.logits.shape, generator=self.generator, device=self.logits.device, dtype=self.logits.dtype
+        ).clamp(_EPS, 1 - _EPS)
         soft = torch.sigmoid((self.logits + u.log() - (-u).log1p()) / self.temperature)
         hard = (soft > 0.5).to(soft.dtype)
         # Exactly `hard` in value (soft - soft.detach() is exactly 0), the relaxed sample's gradient.

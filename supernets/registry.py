@@ -38,14 +38,14 @@ def list_supernets() -> list[str]:
 
 
 def check_model_name(name: str) -> None:
-    """Raise a `ValueError` that suggests close matches if `name` is not a supported supernet."""
-    supported = list_supernets()
-    if name in supported:
-        return
+    """Raise a `ValueError` that suggests close matches, or says why, if `name` cannot be a supernet."""
     if name in timm.list_models():
-        with torch.device("meta"):
+        with torch.device("meta"):  # the structure, without allocating weights
             reasons = unsupported_features(timm.create_model(name))
-        raise ValueError(f"timm model '{name}' cannot be searched: {'; '.join(reasons)}")
+        if reasons:
+            raise ValueError(f"timm model '{name}' cannot be searched: {'; '.join(reasons)}")
+        return
+    supported = list_supernets()
     close = difflib.get_close_matches(name, supported, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown model '{name}'{hint} (list_supernets() lists all {len(supported)})")

@@ -175,6 +175,15 @@ class VisionTransformerSupernet(nn.Module):
     def fixed_architecture(self) -> Architecture | None:
         return self._fixed
 
+    def set_gate_generator(self, generator: torch.Generator | None) -> None:
+        """Draw every gate sample from `generator` (e.g. one seed on all DDP ranks to synchronise them)."""
+        for module in self.modules():
+            if isinstance(module, BinaryGates):
+                module.generator = generator
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "reg_token", "pos_embed"}
+
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gate logits, which train with their own optimizer and no weight decay."""
         return [m.logits for m in self.modules() if isinstance(m, BinaryGates)]

@@ -1,0 +1,271 @@
+"""The one training loop, shared by search and fine-tuning.
+
+A `Task` says what a step computes and what an epoch's end decides; the `Engine` owns everything else:
+optimizers and schedules, DDP, gradient clipping, checkpoint/resume, `metrics.jsonl` and progress bars.
+Resuming from a checkpoint continues bit-identically: the data order depends only on (seed, epoch),
+the global RNG states are saved, and a resumed epoch restarts at the first batch not yet trained.
+(With loader workers, augmentation inside workers is identical for resumes at epoch boundaries only.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import DistributedContext
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last checkpoint written before it is intact."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written."""
+
+
+class Task(Protocol):
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one batch and the metrics to log for it; `model` may be wrapped in DDP."""
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        """Called after the optimizers stepped (e.g. to update a Lagrange multiplier)."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics of the unwrapped model, which is in eval mode."""
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Act on an epoch's validation metrics; True stops training early."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class EngineConfig:
+    out_dir: Path
+    epochs: int
+    grad_clip: float | None = None  # max gradient norm, None for no clipping
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; epoch ends always write one
+    log_every: int = 1  # optimizer steps between metrics.jsonl lines
+    progress: bool = True  # tqdm bars on the main process
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        optimizers: dict[str, Optimizer],
+        schedulers: dict[str, LRScheduler],
+        train_loader: DataLoader,
+        config: EngineConfig,
+        context: DistributedContext | None = None,
+    ) -> None:
+        self.model = model
+        self.task = task
+        self.optimizers = optimizers
+        self.schedulers = schedulers
+        self.train_loader = train_loader
+        self.config = config
+        self.context = context or DistributedContext()
+        self.checkpoint_path = Path(config.out_dir) / CHECKPOINT
+        if self.context.is_main:
+            Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(Path(config.out_dir) / METRICS, self.context.is_main)
+        self.epoch = 0
+        self.batches_done = 0  # batches of `epoch` already trained
+        self.step = 0
+        self.finished = False
+        self._pending_rng: dict[str, Any] | None = None
+        self._stop_signal: int | None = None
+        self._loader_seed = train_loader.generator.initial_seed() if train_loader.generator is not None else 0
+        self.forward_model = DistributedDataParallel(model, broadcast_buffers=True) if self.context.enabled else model
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if not self.context.is_main:
+            return
+        state = {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "step": self.step,
+            "finished": self.finished,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "rng": rng_state(),
+            "task": self.task.state_dict(),
+        }
+        save_checkpoint(self.checkpoint_path, self.model.state_dict(), state)
+
+    def resume(self) -> None:
+        """Restore everything from the run directory's checkpoint."""
+        model_state, state = load_checkpoint(self.checkpoint_path)
+        if state["finished"]:
+            raise ValueError(f"{self.config.out_dir} holds a finished run; there is nothing to resume")
+        self.model.load_state_dict(model_state)
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
+        self.task.load_state_dict(state["task"])
+        self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
+        self._pending_rng = state["rng"]  # applied once the resumed epoch's batches are laid out
+        self.log.truncate_after(self.step)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train until the last epoch or until the task stops early; returns the last validation metrics."""
+        metrics: dict[str, float] = {}
+        with self._signals_save_and_stop():
+            while self.epoch < self.config.epochs:
+                self._train_epoch()
+                self.model.eval()
+                with torch.no_grad():
+                    metrics = self.task.evaluate(self.model)
+                self.model.train()
+                self.log.write({"step": self.step, "epoch": self.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+                stop = self.task.end_epoch(self.epoch, metrics)
+                self.epoch, self.batches_done = self.epoch + 1, 0
+                self.finished = stop or self.epoch >= self.config.epochs
+                self.save()
+                if stop:
+                    break
+        return metrics
+
+    def _train_epoch(self) -> None:
+        self.model.train()
+        batches = self._epoch_batches()
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        total = len(self.train_loader)
+        bar = tqdm(
+            batches,
+            total=total,
+            initial=self.batches_done,
+            desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+            disable=not (self.config.progress and self.context.is_main),
+            leave=False,
+        )
+        for batch in bar:
+            metrics = self._train_step(batch)
+            self.batches_done += 1
+            if self.step % self.config.log_every == 0:
+                self.log.write({"step": self.step, "epoch": self.epoch, **metrics})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:4]})
+            if self._stop_signal is not None:
+                self.save()
+                raise TrainingInterrupted(
+                    f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, "
+                    f"continue with --resume"
+                )
+            if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                self.save()
+
+    def _train_step(self, batch: Any) -> dict[str, float]:
+        loss, metrics = self.task.training_step(self.forward_model, batch)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); the last checkpoint "
+                f"is intact: lower the learning rate and resume or restart"
+            )
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        self.step += 1
+        metrics["loss"] = loss.item()
+        for name, optimizer in self.optimizers.items():
+            metrics[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
+        self.task.after_step(metrics)
+        return metrics
+
+    def _epoch_batches(self) -> DataLoader:
+        """This epoch's loader, starting after the batches a resumed run already trained."""
+        loader = self.train_loader
+        sampler = loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        if loader.generator is not None:  # worker seeds depend on (seed, epoch) alone, not on past epochs
+            loader.generator.manual_seed(self._loader_seed + self.epoch)
+        if not self.batches_done:
+            return loader
+        remaining = list(sampler)[self.batches_done * loader.batch_size :]
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=remaining,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            drop_last=loader.drop_last,
+            generator=loader.generator,
+        )
+
+    @contextmanager
+    def _signals_save_and_stop(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step, save a checkpoint and stop (main thread only)."""
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        try:
+            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,0 +1,319 @@
+"""The search: train the supernet's gates (and weights) so its architecture lands on a FLOPs budget.
+
+A run directory holds `config.json`, `lut.csv`, `metrics.jsonl`, `arch_epoch{N}.json` after every epoch,
+`checkpoint.safetensors` (resume state), and at the end `arch.json`, `supernet.safetensors` and
+`summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.checkpoint import save_checkpoint
+from finetune.classification import evaluate_classifier
+from finetune.distributed import DistributedContext, init_distributed, shutdown
+from finetune.engine import CHECKPOINT, Engine, EngineConfig
+from finetune.optim import weight_decay_groups
+from finetune.schedule import warmup_cosine
+from lookup_tables import LookupTable, build_lookup_table, differentiable_flops
+from supernets import MIXERS, GateConfig, VisionTransformerSupernet, build_supernet
+from supernets.io import atomic_write_text
+
+from .complexity import ComplexityLoss, check_budget, parse_budget
+from .data import build_dataset, build_loader, num_classes_of
+from .projection import project_to_budget
+
+CONFIG = "config.json"
+SUPERNET = "supernet.safetensors"
+
+
+@dataclass
+class SearchConfig:
+    """Every setting of a search run; stored as the run's `config.json`."""
+
+    model: str
+    data: str = "digits"
+    out: str = "runs/search"
+    target: str = "0.6x"  # MACs: 3.2G, 3200M, or 0.7x of dense
+    checkpoint: str | None = None  # timm-format weights of the source model
+    pretrained: bool = False
+    img_size: int | None = None
+    num_classes: int | None = None  # default: the dataset's class count
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # cost model and complexity loss
+    convention: str = "fvcore"
+    lut: str | None = None  # a table saved by `spvit lut`; built when absent
+    complexity_loss: str = "auto"
+    lam: float = 1.0  # λ, the starting value for `auto`
+    lambda_lr: float = 0.02
+    estimator: str = "threshold"
+    tolerance: float = 0.01  # relative distance to the target that counts as on target
+    patience: int = 3  # stop after this many consecutive on-target evaluations
+    project: bool = True  # finally flip the least confident gates to meet the budget exactly
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-4
+    gate_lr: float = 0.02
+    weight_decay: float = 0.05
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 5.0
+    gate_init: float = 1.5
+    gate_temperature: float = 1.0
+    head_mix_temperature: float = 0.01
+    sync_gates: bool = False  # DDP: the same gate draws on every rank instead of one per rank
+    # data and run
+    data_root: str | None = None
+    download: bool = False
+    augment: bool = True
+    num_workers: int = 0
+    seed: int = 0
+    checkpoint_every: int = 0  # optimizer steps; every epoch end writes one too
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown search config field '{unknown[0]}'")
+        return cls(**data)
+
+
+class SearchTask:
+    """One search step: cross-entropy plus the complexity loss of the gates' MACs."""
+
+    def __init__(
+        self,
+        net: VisionTransformerSupernet,
+        lut: LookupTable,
+        complexity: ComplexityLoss,
+        val_loader: DataLoader,
+        config: SearchConfig,
+        out_dir: Path,
+        context: DistributedContext,
+        gate_generator: torch.Generator,
+    ) -> None:
+        self.net = net
+        self.lut = lut
+        self.complexity = complexity
+        self.val_loader = val_loader
+        self.config = config
+        self.out_dir = out_dir
+        self.context = context
+        self.gate_generator = gate_generator
+        self.on_target_streak = 0
+        self._flops: torch.Tensor | None = None
+
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        images, targets = batch
+        logits = model(images)
+        ce = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
+        self._flops = differentiable_flops(self.net, self.lut, self.config.estimator)
+        complexity = self.complexity(self._flops)
+        metrics = {
+            "ce": ce.item(),
+            "complexity": complexity.item(),
+            "macs": self._flops.item(),
+            "target_macs": float(self.complexity.target),
+            "lambda": self.complexity.lam,
+            "acc1": 100 * (logits.argmax(1) == targets).float().mean().item(),
+            **gate_statistics(self.net),
+        }
+        return ce + complexity.to(ce.dtype), metrics
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        self.complexity.update(metrics["macs"])
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        arch = self.net.architecture()
+        metrics = evaluate_classifier(model, self.val_loader)
+        metrics["macs"] = float(self.lut.flops(arch))
+        metrics["params"] = float(self.lut.params(arch))
+        return metrics
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        if self.context.is_main:
+            self.net.architecture().save(self.out_dir / f"arch_epoch{epoch + 1}.json")
+        on_target = abs(self.complexity.relative_error(metrics["macs"])) <= self.config.tolerance
+        self.on_target_streak = self.on_target_streak + 1 if on_target else 0
+        return self.on_target_streak >= self.config.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lam": self.complexity.lam,
+            "on_target_streak": self.on_target_streak,
+            "gate_generator": self.gate_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.complexity.lam = state["lam"]
+        self.on_target_streak = state["on_target_streak"]
+        self.gate_generator.set_state(state["gate_generator"])
+
+
+def gate_statistics(net: VisionTransformerSupernet) -> dict[str, float]:
+    """How many MLP units are kept, how confident the gates are, and how many blocks use each mixer."""
+    mlp_logits = torch.cat([b.mlp.gates.logits.detach() for b in net.blocks])
+    stats = {
+        "mlp_kept": (mlp_logits > 0).float().mean().item(),
+        "mlp_gate_prob": torch.sigmoid(mlp_logits).mean().item(),
+    }
+    mixers = [b.attn.current_mixer() for b in net.blocks]
+    stats.update({f"blocks_{m}": float(mixers.count(m)) for m in MIXERS})
+    return stats
+
+
+def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any]:
+    """Search under `config.target`; returns the run's summary (also written as `summary.json`)."""
+    out_dir = Path(config.out)
+    _check_run_directory(out_dir, config, resume)
+    device = torch.device("cpu")
+    context = init_distributed(device)
+    try:
+        return _search(config, out_dir, resume, context)
+    finally:
+        shutdown(context)
+
+
+def _search(config: SearchConfig, out_dir: Path, resume: bool, context: DistributedContext) -> dict[str, Any]:
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    train_set = build_dataset(
+        config.data, "train", _img_size(config), config.download, config.data_root, config.augment
+    )
+    val_set = build_dataset(config.data, "val", _img_size(config), config.download, config.data_root, augment=False)
+    num_classes = _num_classes(config, num_classes_of(train_set))
+    net = build_supernet(
+        config.model,
+        pretrained=config.pretrained,
+        checkpoint_path=config.checkpoint,
+        img_size=config.img_size,
+        num_classes=num_classes,
+        gates=GateConfig(config.gate_init, config.gate_temperature, config.head_mix_temperature),
+        **config.model_kwargs,
+    )
+    lut = _lookup_table(net, config)
+    target = parse_budget(config.target, lut.dense_flops())
+    check_budget(target, lut.range(), config.target)
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
+        lut.save(out_dir / "lut.csv")
+
+    torch.manual_seed(config.seed + context.rank)  # dropout and augmentation differ per rank
+    gate_generator = torch.Generator().manual_seed(config.seed + (0 if config.sync_gates else context.rank))
+    net.set_gate_generator(gate_generator)
+    train_loader = build_loader(
+        train_set, config.batch_size, train=True, num_workers=config.num_workers, seed=config.seed,
+        distributed=context.enabled,
+    )  # fmt: skip
+    val_loader = build_loader(val_set, config.batch_size, train=False, num_workers=config.num_workers)
+
+    gates = net.gate_parameters()
+    optimizers = {
+        "weights": torch.optim.AdamW(weight_decay_groups(net, config.weight_decay, exclude=gates), lr=config.lr),
+        "gates": torch.optim.AdamW(gates, lr=config.gate_lr, weight_decay=0.0),
+    }
+    steps = config.epochs * len(train_loader)
+    schedulers = {"weights": warmup_cosine(optimizers["weights"], steps, config.warmup_epochs * len(train_loader))}
+    complexity = ComplexityLoss(target, config.complexity_loss, config.lam, config.lambda_lr, config.tolerance)
+    task = SearchTask(net, lut, complexity, val_loader, config, out_dir, context, gate_generator)
+    engine = Engine(
+        net, task, optimizers, schedulers, train_loader,
+        EngineConfig(out_dir, config.epochs, config.grad_clip, config.checkpoint_every, progress=config.progress),
+        context,
+    )  # fmt: skip
+    if resume:
+        engine.resume()
+    engine.fit()
+    return _finish(net, lut, target, val_loader, config, out_dir, engine, context)
+
+
+def _finish(
+    net: VisionTransformerSupernet,
+    lut: LookupTable,
+    target: int,
+    val_loader: DataLoader,
+    config: SearchConfig,
+    out_dir: Path,
+    engine: Engine,
+    context: DistributedContext,
+) -> dict[str, Any]:
+    searched = net.architecture()
+    arch = project_to_budget(net, lut, target) if config.project else searched
+    net.eval()
+    net.fix_architecture(arch)
+    metrics = evaluate_classifier(net, val_loader)
+    net.release_architecture()
+    dense = lut.dense_flops()
+    summary = {
+        "model": config.model,
+        "target_macs": target,
+        "macs": lut.flops(arch),
+        "macs_before_projection": lut.flops(searched),
+        "dense_macs": dense,
+        "params": lut.params(arch),
+        "dense_params": lut.params(net.dense_architecture()),
+        "val_acc1": metrics["acc1"],
+        "val_acc5": metrics["acc5"],
+        "epochs": engine.epoch,
+        "steps": engine.step,
+        "mixers": {m: arch.mixers.count(m) for m in MIXERS},
+        "mlp_kept": sum(len(b.mlp_kept) for b in arch.blocks) / sum(net.mlp_hidden),
+        "lambda": engine.task.complexity.lam,
+    }
+    if context.is_main:
+        arch.save(out_dir / "arch.json")
+        save_checkpoint(out_dir / SUPERNET, net.state_dict(), {"config": net.config()})
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _img_size(config: SearchConfig) -> int:
+    if config.img_size is not None:
+        return config.img_size
+    from timm.models import get_pretrained_cfg_value
+
+    size = get_pretrained_cfg_value(config.model, "input_size")
+    return size[-1] if size else 224
+
+
+def _num_classes(config: SearchConfig, dataset_classes: int) -> int:
+    if config.num_classes is not None and config.num_classes != dataset_classes:
+        raise ValueError(f"--num-classes {config.num_classes} does not match the dataset's {dataset_classes} classes")
+    return dataset_classes
+
+
+def _lookup_table(net: VisionTransformerSupernet, config: SearchConfig) -> LookupTable:
+    if config.lut is None:
+        return build_lookup_table(net, config.convention)
+    lut = LookupTable.load(config.lut)
+    lut.check_supernet(net)
+    return lut
+
+
+def _check_run_directory(out_dir: Path, config: SearchConfig, resume: bool) -> None:
+    """Refuse to overwrite a run, or to resume one with other settings."""
+    saved = out_dir / CONFIG
+    if not resume:
+        if (out_dir / CHECKPOINT).exists():
+            raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        return
+    if not (out_dir / CHECKPOINT).exists() or not saved.exists():
+        raise FileNotFoundError(f"nothing to resume in {out_dir}: no {CHECKPOINT} and {CONFIG}")
+    previous = SearchConfig.from_dict(json.loads(saved.read_text()))
+    changed = [f.name for f in fields(SearchConfig) if getattr(previous, f.name) != getattr(config, f.name)]
+    changed = [name for name in changed if name != "progress"]
+    if changed:
+        raise ValueError(
+            f"--resume with other settings than {saved}: {', '.join(changed)} differ; resume with the same settings"
+        )
