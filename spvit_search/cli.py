@@ -167,6 +167,8 @@ def run_search_command(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every, progress=args.progress,
     )  # fmt: skip
     summary = run_search(config, resume=args.resume)
+    if summary is None:  # a DDP rank other than 0
+        return
     print(
         f"searched {summary['model']}: {summary['macs'] / 1e9:.4f} GMACs "
         f"({summary['macs'] / summary['dense_macs']:.3f}x of dense, target {summary['target_macs'] / 1e9:.4f}), "

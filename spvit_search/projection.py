@@ -29,7 +29,12 @@ Algorithm (greedy, deterministic, numpy and plain Python: well under a second fo
    gate (a block's following gate becomes a candidate once its next gate is turned on). Turn a
    candidate on iff F stays <= T (a greedy knapsack fill). This phase runs even when the architecture
    started under budget, so the result is as close to T as the greedy allows.
-3. Write. Every gate whose on/off state differs from the start gets the logit +eps (now on) or -eps
+3. Exchange. Mixer steps are coarse: with every MLP unit kept, a downgrade in the reduce phase can leave
+   F well below T with nothing left to fill. So while some block's next gate (largest logit first) can
+   be turned on and paid for by turning off the least confident kept units, and that brings F closer
+   to T (still <= T), do so; then fill again. F then ends within one unit's MACs of T whenever units
+   are kept.
+4. Write. Every gate whose on/off state differs from the start gets the logit +eps (now on) or -eps
    (now off), eps = 1e-3 by default: the deterministic rule reproduces the projected architecture,
    and the flipped decisions stay the least confident ones should the search go on. Every other
    logit is left exactly as it was.
@@ -99,6 +104,8 @@ def project_to_budget(
     state.reduce(target, gate_logits, unit_logits)
     if fill:
         state.fill(target, gate_logits, unit_logits)
+        while state.exchange(target, gate_logits, unit_logits):
+            state.fill(target, gate_logits, unit_logits)
 
     _write_flips(net, gate_logits > 0, state.gates_on, [u > 0 for u in unit_logits], state.units_on, eps)
     arch = net.architecture()
@@ -190,6 +197,35 @@ class _State:
                 if self.flops + self.unit_macs[block] <= target:
                     self.units_on[block][index] = True
                     self.flops += self.unit_macs[block]
+
+    def exchange(self, target: int, gate_logits: np.ndarray, unit_logits: list[np.ndarray]) -> bool:
+        """Phase 3: one mixer upgrade paid for with the least confident kept units, if it ends closer to T."""
+        kept = sorted(
+            (float(unit_logits[b][i]), b, int(i)) for b, on in enumerate(self.units_on) for i in np.flatnonzero(on)
+        )
+        candidates = sorted(
+            ((float(gate_logits[b, self.mixer[b]]), b) for b in range(len(self.mixer)) if self.mixer[b] < _NUM_GATES),
+            reverse=True,
+        )
+        for _, block in candidates:
+            index = self.mixer[block]
+            upgraded = self._upgrade(block, index)
+            extra = self.mixer_macs[block][upgraded] - self.mixer_macs[block][index]
+            dropped, saved = [], 0
+            for _, b, i in kept:
+                if self.flops + extra - saved <= target:
+                    break
+                dropped.append((b, i))
+                saved += self.unit_macs[b]
+            new_flops = self.flops + extra - saved
+            if self.flops < new_flops <= target:
+                self.gates_on[block, index] = True
+                self.mixer[block] = upgraded
+                for b, i in dropped:
+                    self.units_on[b][i] = False
+                self.flops = new_flops
+                return True
+        return False
 
     def _upgrade(self, block: int, index: int) -> int:
         """The mixer index once the next gate `index` turns on: later gates already on join the leading run."""

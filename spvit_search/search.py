@@ -173,8 +173,9 @@ def gate_statistics(net: VisionTransformerSupernet) -> dict[str, float]:
     return stats
 
 
-def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any]:
-    """Search under `config.target`; returns the run's summary (also written as `summary.json`)."""
+def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | None:
+    """Search under `config.target`; returns the run's summary (also written as `summary.json`) on the main
+    process, None on the other DDP ranks."""
     out_dir = Path(config.out)
     _check_run_directory(out_dir, config, resume)
     device = torch.device("cpu")
@@ -185,7 +186,7 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any]:
         shutdown(context)
 
 
-def _search(config: SearchConfig, out_dir: Path, resume: bool, context: DistributedContext) -> dict[str, Any]:
+def _search(config: SearchConfig, out_dir: Path, resume: bool, context: DistributedContext) -> dict[str, Any] | None:
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     train_set = build_dataset(
         config.data, "train", _img_size(config), config.download, config.data_root, config.augment
@@ -247,7 +248,7 @@ def _finish(
     out_dir: Path,
     engine: Engine,
     context: DistributedContext,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     searched = net.architecture()
     arch = project_to_budget(net, lut, target) if config.project else searched
     net.eval()
@@ -271,10 +272,11 @@ def _finish(
         "mlp_kept": sum(len(b.mlp_kept) for b in arch.blocks) / sum(net.mlp_hidden),
         "lambda": engine.task.complexity.lam,
     }
-    if context.is_main:
-        arch.save(out_dir / "arch.json")
-        save_checkpoint(out_dir / SUPERNET, net.state_dict(), {"config": net.config()})
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if not context.is_main:
+        return None
+    arch.save(out_dir / "arch.json")
+    save_checkpoint(out_dir / SUPERNET, net.state_dict(), {"config": net.config()})
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -244,9 +244,13 @@ def test_off_first_gate_with_later_gates_on_is_skip_and_jumps_to_msa(tiny):
     _all_on(net, [-0.5, 2.0, 2.0])
     assert net.architecture().mixers[0] == "skip"
     start = lut.flops(net.architecture())
-    arch = project_to_budget(net, lut, start + msa_over_skip - 1)  # bconv1 would fit, but is not reachable
-    assert arch.mixers[0] == "skip" and lut.flops(arch) == start
-    assert net.blocks[0].attn.gates.logits.tolist() == pytest.approx([-0.5, 2.0, 2.0])
+    unit = int(lut.mlp_unit_macs[0])
+    # bconv1 would fit but is not reachable: the exchange reaches msa by giving up the least confident units.
+    arch = project_to_budget(net, lut, start + msa_over_skip - 1)
+    assert arch.mixers[0] == "msa" and start + msa_over_skip - 1 - unit < lut.flops(arch) <= start + msa_over_skip - 1
+    assert sum(len(b.mlp_kept) for b in arch.blocks) == sum(net.mlp_hidden) - 1
+
+    _all_on(net, [-0.5, 2.0, 2.0])
 
     arch = project_to_budget(net, lut, start + msa_over_skip)
     assert arch.mixers[0] == "msa" and lut.flops(arch) == start + msa_over_skip
@@ -266,9 +270,13 @@ def test_reduce_leaves_gates_outside_the_leading_run_alone(tiny):
 
     _all_on(net, [0.1, -2.0, 2.0])  # bconv1: turning gate 0 off is the only cheaper choice
     start = lut.flops(net.architecture())
-    arch = project_to_budget(net, lut, start - 1)
+    arch = project_to_budget(net, lut, start - 1, fill=False)
     assert arch.mixers[0] == "skip"
     assert net.blocks[0].attn.gates.logits.tolist() == pytest.approx([-DEFAULT_EPS, -2.0, 2.0])
+    # With the fill, the exchange buys bconv1 back with the least confident unit: one unit below the start.
+    _all_on(net, [0.1, -2.0, 2.0])
+    arch = project_to_budget(net, lut, start - 1)
+    assert arch.mixers[0] == "bconv1" and lut.flops(arch) == start - int(lut.mlp_unit_macs[0])
 
 
 def test_mixer_indices_follow_the_cumulative_rule(tiny):
