@@ -67,6 +67,7 @@ class EngineConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; epoch ends always write one
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
     progress: bool = True  # tqdm bars on the main process
+    find_unused_parameters: bool = False  # DDP: some parameters may get no gradient in a step (single-path search)
 
 
 class MetricsLog:

@@ -230,7 +230,10 @@ def _search(config: SearchConfig, out_dir: Path, resume: bool, context: Distribu
     task = SearchTask(net, lut, complexity, val_loader, config, out_dir, context, gate_generator)
     engine = Engine(
         net, task, optimizers, schedulers, train_loader,
-        EngineConfig(out_dir, config.epochs, config.grad_clip, config.checkpoint_every, progress=config.progress),
+        EngineConfig(
+            out_dir, config.epochs, config.grad_clip, config.checkpoint_every, progress=config.progress,
+            find_unused_parameters=True,  # the candidates a step did not sample get no gradient
+        ),
         context,
     )  # fmt: skip
     if resume:

@@ -142,18 +142,17 @@ class UnifiedAttention(nn.Module):
         w_v = self.v.weight.view(self.num_heads, self.head_dim, -1)  # (H, dh, D)
         kernel = (w_v.unsqueeze(0) * heads).sum(1)  # (T, dh, D)
         kernel = kernel.permute(1, 2, 0).reshape(self.head_dim, -1, kernel_size, kernel_size)
-        bias, proj = self._mixed_bias_and_proj(taps)
-        return kernel, None if bias is None else bias.sum(0), proj.sum(0)
+        bias, proj = self._mixed_bias_and_proj(taps.sum(1))
+        return kernel, bias, proj
 
-    def _mixed_bias_and_proj(self, taps: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Per-tap mixed v bias (T, dh) and proj weight (T, D, dh) for mixing weights `taps` (H, T)."""
-        heads = taps.t()[:, :, None]  # (T, H, 1)
+    def _mixed_bias_and_proj(self, weights: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """v's bias (dh,) and proj's columns (D, dh) mixed over heads with `weights` (H,)."""
+        heads = weights.view(1, self.num_heads, 1)
         bias = None
         if self.v.bias is not None:
-            bias = (self.v.bias.view(1, self.num_heads, self.head_dim) * heads).sum(1)  # (T, dh)
+            bias = (self.v.bias.view(1, self.num_heads, self.head_dim) * heads).sum(1)[0]  # (dh,)
         w_proj = self.proj.weight.view(-1, self.num_heads, self.head_dim)  # (D, H, dh)
-        proj = (w_proj.unsqueeze(0) * heads.unsqueeze(1)).sum(2)  # (T, D, dh)
-        return bias, proj
+        return bias, (w_proj * heads).sum(1)  # (D, dh)
 
     def _attention(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
@@ -185,28 +184,44 @@ class UnifiedAttention(nn.Module):
 
     def _forward_search(self, x: torch.Tensor) -> torch.Tensor:
         c = torch.cumprod(self.gates(), 0)  # cumulative [bconv1, bconv3, msa], each 0 or 1 in value
-        v = F.linear(x, self.v.weight)  # (B, N, A), bias added per candidate
-        msa = self._attention(x, v if self.v.bias is None else v + self.v.bias)
-        conv1, conv3 = self._conv_candidates(v)
-        # Only the most expensive active candidate has a coefficient of 1; all off leaves zeros (skip).
-        return c[2] * msa + (c[1] - c[2]) * conv3 + (c[0] - c[1]) * conv1
+        coefficients = {"bconv1": c[0] - c[1], "bconv3": c[1] - c[2], "msa": c[2]}
+        # At most one coefficient is 1 (none: skip), the single path that trains. The others need only their
+        # candidate's value, for the gates' straight-through gradient, so they run without autograd: their
+        # weights get no gradient this step (single-path training) and their backward costs nothing.
+        trains = {mixer: torch.is_grad_enabled() and bool(k.detach() != 0) for mixer, k in coefficients.items()}
+        with torch.set_grad_enabled(any(trains.values())):
+            v = F.linear(x, self.v.weight)  # (B, N, A), bias added per candidate
+        out = torch.zeros_like(x)
+        for mixer, coefficient in coefficients.items():
+            with torch.set_grad_enabled(trains[mixer]):
+                if mixer == "msa":
+                    y = self._attention(x, v if self.v.bias is None else v + self.v.bias)
+                else:
+                    y = self._search_conv(v, CONV_KERNEL_SIZE[mixer])
+            out = out + coefficient * y
+        return out
 
-    def _conv_candidates(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """bconv1 and bconv3 outputs (B, N, D) from the bias-free value projection v (B, N, A)."""
+    def _search_conv(self, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        """bconv_k output (B, N, D) from the bias-free value projection v (B, N, A), mixing heads per token.
+
+        Equal to `_forward_conv` with `conv_parameters(k)`, but cheaper while z trains: the heads of v are mixed
+        per tap (a depthwise conv over the A = heads·dh channels, then a sum over heads) instead of building
+        the (dh, D, k, k) kernel and convolving the D input channels.
+        """
         B = v.shape[0]
         gh, gw = self.grid_size
-        s = self.head_mix()
-        v_heads = self._patch_grid(v).reshape(B, gh, gw, self.num_heads, self.head_dim)
-        taps = torch.einsum("byxhd,hp->byxpd", v_heads, s)  # (B, gh, gw, 9, dh): W_p·x at each token
-        bias, proj = self._mixed_bias_and_proj(s)
-
-        conv1 = taps[:, :, :, _CENTRE_TAP]  # (B, gh, gw, dh)
-        # A 3×3 conv with zero padding: output (y, x) sums tap (ky, kx) of the token at (y+ky-1, x+kx-1).
-        padded = F.pad(taps, (0, 0, 0, 0, 1, 1, 1, 1))  # (B, gh+2, gw+2, 9, dh)
-        conv3 = sum(padded[:, ky : ky + gh, kx : kx + gw, 3 * ky + kx] for ky in range(3) for kx in range(3))
+        heads, dh = self.num_heads, self.head_dim
+        grid = self._patch_grid(v).permute(0, 3, 1, 2)  # (B, A, gh, gw); channel h·dh + d
+        s = self.head_mix()  # (H, 9)
+        if kernel_size == 1:
+            taps = s[:, _CENTRE_TAP : _CENTRE_TAP + 1]  # (H, 1)
+            y = (grid.view(B, heads, dh, gh, gw) * taps.view(1, heads, 1, 1, 1)).sum(1)  # (B, dh, gh, gw)
+        else:
+            taps = s
+            kernel = s.view(heads, 1, 3, 3).repeat_interleave(dh, dim=0)  # (A, 1, 3, 3): head h's taps
+            y = F.conv2d(grid, kernel, padding=1, groups=heads * dh)  # (B, A, gh, gw)
+            y = y.view(B, heads, dh, gh, gw).sum(1)  # (B, dh, gh, gw): Σ_p W_p·x over the 3×3 window
+        bias, proj = self._mixed_bias_and_proj(taps.sum(1))
         if bias is not None:
-            conv1 = conv1 + bias[_CENTRE_TAP]
-            conv3 = conv3 + bias.sum(0)
-        out1 = self._project_conv(conv1.permute(0, 3, 1, 2), self.bn1, proj[_CENTRE_TAP])
-        out3 = self._project_conv(conv3.permute(0, 3, 1, 2), self.bn3, proj.sum(0))
-        return out1, out3
+            y = y + bias.view(1, dh, 1, 1)
+        return self._project_conv(y, self.bn1 if kernel_size == 1 else self.bn3, proj)

@@ -48,8 +48,9 @@ class UnifiedMlp(nn.Module):
             return self._forward_kept(x, self.fixed_kept)
         if not self.training:
             return self._forward_kept(x, self.kept_units())
-        h = self.act(self.fc1(x)) * self.gates()  # (B, N, hidden)
-        return self.drop2(self.fc2(self.drop1(h)))
+        h = self.drop1(self.act(self.fc1(x)))  # (B, N, hidden)
+        # Gating fc2's input columns equals gating the hidden units, at the cost of a weight, not an activation.
+        return self.drop2(F.linear(h, self.fc2.weight * self.gates(), self.fc2.bias))
 
     def _forward_kept(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         if kept.numel() == self.hidden_features:
