@@ -125,7 +125,11 @@ class Engine:
         self._pending_rng: dict[str, Any] | None = None
         self._stop_signal: int | None = None
         self._loader_seed = train_loader.generator.initial_seed() if train_loader.generator is not None else 0
-        self.forward_model = DistributedDataParallel(model, broadcast_buffers=True) if self.context.enabled else model
+        self.forward_model = (
+            DistributedDataParallel(model, find_unused_parameters=config.find_unused_parameters)
+            if self.context.enabled
+            else model
+        )
 
     # -- checkpoints ------------------------------------------------------------------------------
 
