@@ -30,10 +30,10 @@ Algorithm (greedy, deterministic, numpy and plain Python: well under a second fo
    candidate on iff F stays <= T (a greedy knapsack fill). This phase runs even when the architecture
    started under budget, so the result is as close to T as the greedy allows.
 3. Exchange. Mixer steps are coarse: with every MLP unit kept, a downgrade in the reduce phase can leave
-   F well below T with nothing left to fill. So while some block's next gate (largest logit first) can
-   be turned on and paid for by turning off the least confident kept units, and that brings F closer
-   to T (still <= T), do so; then fill again. F then ends within one unit's MACs of T whenever units
-   are kept.
+   F well below T with nothing left to fill. So while F is more than `slack` (1%) below T, and some
+   block's next gate (largest logit first) can be turned on and paid for by turning off the least
+   confident kept units, bringing F closer to T (still <= T), do so; then fill again. Exchanges
+   override confident decisions, hence the slack: within it the search's choices stand.
 4. Write. Every gate whose on/off state differs from the start gets the logit +eps (now on) or -eps
    (now off), eps = 1e-3 by default: the deterministic rule reproduces the projected architecture,
    and the flipped decisions stay the least confident ones should the search go on. Every other
@@ -83,7 +83,13 @@ def attention_gate_logits(net: nn.Module) -> np.ndarray:
 
 
 def project_to_budget(
-    net: nn.Module, lut: LookupTable, target: int, *, fill: bool = True, eps: float = DEFAULT_EPS
+    net: nn.Module,
+    lut: LookupTable,
+    target: int,
+    *,
+    fill: bool = True,
+    slack: float = 0.01,
+    eps: float = DEFAULT_EPS,
 ) -> Architecture:
     """Flip the least confident gates of `net` in place so that its architecture costs <= `target` MACs.
 
@@ -104,7 +110,8 @@ def project_to_budget(
     state.reduce(target, gate_logits, unit_logits)
     if fill:
         state.fill(target, gate_logits, unit_logits)
-        while state.exchange(target, gate_logits, unit_logits):
+        # Exchanges override confident decisions, so they run only while F is not yet within `slack` of T.
+        while target - state.flops > slack * target and state.exchange(target, gate_logits, unit_logits):
             state.fill(target, gate_logits, unit_logits)
 
     _write_flips(net, gate_logits > 0, state.gates_on, [u > 0 for u in unit_logits], state.units_on, eps)

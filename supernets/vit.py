@@ -87,7 +87,59 @@ class SuperBlock(nn.Module):
         return fixed_count, per_unit
 
 
-class VisionTransformerSupernet(nn.Module):
+class ViTStemAndHead(nn.Module):
+    """timm's `VisionTransformer` around `self.blocks`: patch embedding, prefix tokens, position embeddings,
+    final norm and head, copied from a timm model. The supernet and the subnets exported from it share this
+    code, so that both compute exactly what timm computes outside the blocks."""
+
+    blocks: nn.Sequential
+
+    def adopt_stem_and_head(self, vit: VisionTransformer, name: str) -> None:
+        """Copy every module and token of `vit` outside its blocks, and the settings their forward needs."""
+        img_h, img_w = vit.patch_embed.img_size
+        if img_h != img_w:
+            raise ValueError(f"'{name}': only square images are supported, got {img_h}x{img_w}")
+        self.name = name
+        self.img_size = img_h
+        self.num_classes = vit.num_classes
+        self.grid_size = tuple(vit.patch_embed.grid_size)
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.no_embed_class = vit.no_embed_class
+        self.global_pool = vit.global_pool
+        self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
+        self.embed_dim = vit.embed_dim
+        for module in ("patch_embed", "pos_drop", "norm_pre", "norm", "fc_norm", "head_drop", "head"):
+            setattr(self, module, copy.deepcopy(getattr(vit, module)))
+        for param in ("cls_token", "reg_token", "pos_embed"):
+            setattr(self, param, copy.deepcopy(getattr(vit, param)))
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, gh·gw, D)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.pos_embed is None:
+            return torch.cat([*prefix, x], dim=1)
+        if self.no_embed_class:  # position embeddings cover the patch tokens only
+            return self.pos_drop(torch.cat([*prefix, x + self.pos_embed], dim=1))
+        return self.pos_drop(torch.cat([*prefix, x], dim=1) + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            # The conv candidates work on a fixed token grid, even where timm allows dynamic sizes.
+            raise ValueError(
+                f"'{self.name}' takes {self.img_size}x{self.img_size} images, got {x.shape[-2]}x{x.shape[-1]}"
+            )
+        x = self.patch_embed(x).flatten(1, -2)  # (B, gh·gw, D); dynamic-size models return (B, gh, gw, D)
+        x = self.norm_pre(self._pos_embed(x))  # (B, N, D)
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = global_pool_nlc(x, self.global_pool, self.num_prefix_tokens, self.pool_include_prefix)
+        return self.head(self.head_drop(self.fc_norm(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class VisionTransformerSupernet(ViTStemAndHead):
     def __init__(
         self,
         vit: VisionTransformer,
@@ -99,25 +151,9 @@ class VisionTransformerSupernet(nn.Module):
         reasons = unsupported_features(vit)
         if reasons:
             raise ValueError(f"'{name}' cannot be searched: {'; '.join(reasons)}")
-        img_h, img_w = vit.patch_embed.img_size
-        if img_h != img_w:
-            raise ValueError(f"'{name}': only square images are supported, got {img_h}x{img_w}")
-        self.name = name
-        self.img_size = img_h
-        self.num_classes = vit.num_classes
+        self.adopt_stem_and_head(vit, name)
         self.model_kwargs = dict(model_kwargs or {})
         self.gate_config = gates
-        self.grid_size = tuple(vit.patch_embed.grid_size)
-        self.num_prefix_tokens = vit.num_prefix_tokens
-        self.no_embed_class = vit.no_embed_class
-        self.global_pool = vit.global_pool
-        self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
-        self.embed_dim = vit.embed_dim
-
-        for module in ("patch_embed", "pos_drop", "norm_pre", "norm", "fc_norm", "head_drop", "head"):
-            setattr(self, module, copy.deepcopy(getattr(vit, module)))
-        for param in ("cls_token", "reg_token", "pos_embed"):
-            setattr(self, param, copy.deepcopy(getattr(vit, param)))
         self.blocks = nn.Sequential(*[SuperBlock(b, self.grid_size, self.num_prefix_tokens, gates) for b in vit.blocks])
         self._fixed: Architecture | None = None
 
@@ -187,30 +223,3 @@ class VisionTransformerSupernet(nn.Module):
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gate logits, which train with their own optimizer and no weight decay."""
         return [m.logits for m in self.modules() if isinstance(m, BinaryGates)]
-
-    # -- forward ----------------------------------------------------------------------------------
-
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, gh·gw, D)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        if self.pos_embed is None:
-            return torch.cat([*prefix, x], dim=1)
-        if self.no_embed_class:  # position embeddings cover the patch tokens only
-            return self.pos_drop(torch.cat([*prefix, x + self.pos_embed], dim=1))
-        return self.pos_drop(torch.cat([*prefix, x], dim=1) + self.pos_embed)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            # The conv candidates work on a fixed token grid, even where timm allows dynamic sizes.
-            raise ValueError(
-                f"'{self.name}' supernet takes {self.img_size}x{self.img_size} images, got {x.shape[-2]}x{x.shape[-1]}"
-            )
-        x = self.patch_embed(x).flatten(1, -2)  # (B, gh·gw, D); dynamic-size models return (B, gh, gw, D)
-        x = self.norm_pre(self._pos_embed(x))  # (B, N, D)
-        return self.norm(self.blocks(x))
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        x = global_pool_nlc(x, self.global_pool, self.num_prefix_tokens, self.pool_include_prefix)
-        return self.head(self.head_drop(self.fc_norm(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
