@@ -1,6 +1,7 @@
 """The `spvit` command line.
 
-Bad input ends in a one-line `spvit: error: ...` and exit code 2; `--debug` shows the traceback.
+Bad input ends in a one-line `spvit: error: ...` and exit code 2; a NaN/inf loss in exit code 1; SIGINT or
+SIGTERM (after a checkpoint is saved) in exit code 130. `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import traceback
 import warnings
 from typing import Any
 
+from finetune.engine import NonFiniteLossError, TrainingInterrupted
+
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -191,9 +195,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"spvit: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingInterrupted as e:
+        print(f"spvit: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("spvit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except NonFiniteLossError as e:
+        print(f"spvit: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
