@@ -187,12 +187,16 @@ class Engine:
     def _train_epoch(self) -> None:
         self.model.train()
         batches = self._epoch_batches()
+        # A loader draws a seed from the global RNG when an epoch's iterator starts. A checkpoint at an epoch's
+        # end was saved before that draw, one in mid-epoch after it: restore the RNG on the matching side.
+        if self._pending_rng is not None and not self.batches_done:
+            self._restore_rng()
+        iterator = iter(batches)
         if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
+            self._restore_rng()
         total = len(self.train_loader)
         bar = tqdm(
-            batches,
+            iterator,
             total=total,
             initial=self.batches_done,
             desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
@@ -213,6 +217,10 @@ class Engine:
                 )
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.save()
+
+    def _restore_rng(self) -> None:
+        set_rng_state(self._pending_rng)
+        self._pending_rng = None
 
     def _train_step(self, batch: Any) -> dict[str, float]:
         loss, metrics = self.task.training_step(self.forward_model, batch)
