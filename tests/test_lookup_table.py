@@ -14,7 +14,7 @@ from helpers import TINY, random_architecture
 from lookup_tables import LookupTable, build_lookup_table
 from supernets import Architecture, BlockChoice, build_supernet
 
-RELEASED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "spvit_released_archs.json"
+RELEASED = Path(__file__).resolve().parent / "data" / "spvit_released_archs.json"  # from ../shared/reference
 
 
 def fvcore_macs(net: torch.nn.Module, arch: Architecture, operators: set[str] | None = None) -> int:
