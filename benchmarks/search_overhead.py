@@ -30,9 +30,6 @@ import ctypes
 import datetime
 import gc
 import json
-import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -45,16 +42,13 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from results_md import machine_description, save_results
 from torch import nn
 
 from supernets import VisionTransformerSupernet
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCHMARKS / "results" / "search_overhead.json"
-RESULTS_MD = BENCHMARKS / "RESULTS.md"
-SECTION = "## search_overhead"
-BEGIN = "<!-- search_overhead: begin generated table (search_overhead.py --update-results replaces it) -->"
-END = "<!-- search_overhead: end generated table -->"
 TARGET_TIME_RATIO = 1.25
 VARIANTS = ("supernet", "dense")
 MEMORY_STEPS = 3  # step 1 allocates AdamW's state; later steps show the steady-state peak on top of it
@@ -230,16 +224,6 @@ def summarize(spec: ModelSpec, warmup: int, steps: int, timing: dict[str, Any], 
     }
 
 
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = names[0] if names else cpu
-    return f"{os.cpu_count()}-core CPU ({cpu})"
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | batch | dense ms/step median (min) | supernet ms/step median (min) | time ratio median (min) "
@@ -259,7 +243,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def generated_block(results: dict[str, Any]) -> str:
+def results_body(results: dict[str, Any]) -> str:
     """The part of the RESULTS.md section that a fresh run replaces: provenance and the table."""
     header = (
         f"Measured {results['date']} on {results['machine']}, device {results['device']}, torch {results['torch']}, "
@@ -268,24 +252,7 @@ def generated_block(results: dict[str, Any]) -> str:
         f"Peak MB: peak memory increase of {MEMORY_STEPS} training steps over the process's baseline after build, "
         "one fresh process per model and variant."
     )
-    return f"{BEGIN}\n{header}\n\n{markdown_table(results['models'])}\n{END}"
-
-
-def update_results_md(path: Path, block: str) -> None:
-    """Replace this benchmark's generated block (or its whole section when it has none); keep other sections."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = re.search(rf"^{re.escape(SECTION)}[ \t]*$", text, re.MULTILINE)
-    if start is None:
-        path.write_text(f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n")
-        return
-    following = re.search(r"^## ", text[start.end() :], re.MULTILINE)
-    end = start.end() + following.start() if following else len(text)
-    section = text[start.start() : end]
-    if BEGIN in section and END in section:
-        section = section[: section.index(BEGIN)] + block + section[section.index(END) + len(END) :]
-    else:
-        section = f"{SECTION}\n\n{block}\n\n"
-    path.write_text((text[: start.start()] + section + text[end:]).rstrip() + "\n")
+    return f"{header}\n\n{markdown_table(results['models'])}"
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -348,13 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         "target_time_ratio": TARGET_TIME_RATIO,
         "models": rows,
     }
-    print(f"\n{markdown_table(rows)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
-    if args.update_results:
-        update_results_md(RESULTS_MD, generated_block(results))
-        print(f"updated the {SECTION} section of {RESULTS_MD}")
+    save_results("search_overhead", results, markdown_table(rows), results_body(results), args.out, args.update_results)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import ast
 import sys
 import traceback
 import warnings
+from pathlib import Path
 from typing import Any
 
 from finetune.engine import NonFiniteLossError, TrainingInterrupted
@@ -131,6 +132,28 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--sync-gates", action="store_true", help="DDP: the same gate draws on every rank")
     add_run_arguments(search)
 
+    export = sub.add_parser(
+        "export",
+        help="export a searched architecture as a plain PyTorch model",
+        description="Build the plain subnet of a search run's architecture (no gates: standard attention, real "
+        "convolutions for bconv blocks, MLPs cut to their kept units) and write arch.json, config.json and "
+        "model.safetensors into --out. Load it with spvit_search.export.load_subnet(DIR), or with "
+        "timm.create_model('spvit_subnet', subnet_dir=DIR) after `import spvit_search.export`.",
+    )
+    export.add_argument("--run", required=True, help="search run directory (supernet.safetensors, arch.json, lut.csv)")
+    export.add_argument("--arch", default=None, help="architecture JSON to export (default: the run's arch.json)")
+    export.add_argument("--out", required=True, help="subnet directory to write")
+    export.add_argument("--fold-bn", action="store_true", help="fold each bconv's BN into its conv, for inference")
+    export.add_argument(
+        "--round-mlp", type=int, default=None, metavar="N",
+        help="round kept MLP widths up to a multiple of N, adding back the dropped units with the largest gate "
+        "logits; the rounded architecture is re-priced with the run's lut.csv",
+    )  # fmt: skip
+    export.add_argument(
+        "--onnx", action="store_true",
+        help="also write model.onnx (needs onnx and onnxscript); checked against PyTorch if onnxruntime is installed",
+    )  # fmt: skip
+
     sub.add_parser("demo", help="run the main job end to end on the embedded digits data", description=DEMO_PLAN)
     return parser
 
@@ -181,7 +204,54 @@ def run_search_command(args: argparse.Namespace) -> None:
     print(f"mixers {summary['mixers']}, MLP units kept {summary['mlp_kept']:.1%}; wrote {args.out}/arch.json")
 
 
-COMMANDS = {"lut": run_lut, "search": run_search_command, "demo": lambda args: print(DEMO_PLAN)}
+def run_export(args: argparse.Namespace) -> None:
+    from lookup_tables import LookupTable
+    from supernets import MIXERS, Architecture
+
+    from .export import check_onnx_exporter, export_onnx, export_subnet, load_search_supernet, round_mlp, save_subnet
+
+    if args.onnx:
+        check_onnx_exporter()
+    run, out = Path(args.run), Path(args.out)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run}")
+    lut = LookupTable.load(run / "lut.csv")
+    arch = Architecture.load(args.arch or run / "arch.json")
+    net = load_search_supernet(run / "supernet.safetensors")
+    lut.check_supernet(net)
+    macs = lut.flops(arch)
+    if args.round_mlp is not None:
+        rounded = round_mlp(arch, net, args.round_mlp)
+        units = [sum(len(b.mlp_kept) for b in a.blocks) for a in (arch, rounded)]
+        print(
+            f"--round-mlp {args.round_mlp}: {units[0]} -> {units[1]} MLP units kept, "
+            f"{macs / 1e9:.4f} -> {lut.flops(rounded) / 1e9:.4f} GMACs"
+        )
+        arch, macs = rounded, lut.flops(rounded)
+    subnet = export_subnet(net, arch, fold_bn=args.fold_bn)
+    save_subnet(subnet, out)
+    params = sum(p.numel() for p in subnet.parameters())
+    mixers = ", ".join(f"{arch.mixers.count(m)} {m}" for m in MIXERS)
+    print(
+        f"exported {arch.model}: {macs / 1e9:.4f} GMACs ({macs / lut.dense_flops():.3f}x of dense, "
+        f"'{lut.convention}' convention), {params / 1e6:.3f} M params{' (BN folded)' if args.fold_bn else ''}; "
+        f"blocks: {mixers}"
+    )
+    print(f"wrote {out}/arch.json, config.json and model.safetensors")
+    if args.onnx:
+        difference = export_onnx(subnet, out / "model.onnx")
+        if difference is None:
+            print(f"wrote {out}/model.onnx (not checked: onnxruntime is not installed)")
+        else:
+            print(f"wrote {out}/model.onnx (onnxruntime matches PyTorch: max logit difference {difference:.2e})")
+
+
+COMMANDS = {
+    "lut": run_lut,
+    "search": run_search_command,
+    "export": run_export,
+    "demo": lambda args: print(DEMO_PLAN),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

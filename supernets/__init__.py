@@ -3,6 +3,7 @@
 from .architecture import MIXERS, Architecture, BlockChoice
 from .gates import BinaryGates, GateConfig
 from .registry import build_supernet, check_model_name, list_supernets
+from .subnet import VisionTransformerSubnet
 from .unified_attention import UnifiedAttention
 from .unified_mlp import UnifiedMlp
 from .vit import SuperBlock, VisionTransformerSupernet
@@ -16,6 +17,7 @@ __all__ = [
     "SuperBlock",
     "UnifiedAttention",
     "UnifiedMlp",
+    "VisionTransformerSubnet",
     "VisionTransformerSupernet",
     "build_supernet",
     "check_model_name",

@@ -46,17 +46,17 @@ class Architecture:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
-        _check_type("model", self.model, str)
+        check_type("model", self.model, str)
         if not self.model:
             raise ValueError("model: must be a non-empty model name")
         for name in ("img_size", "num_classes"):
-            _check_type(name, getattr(self, name), int)
+            check_type(name, getattr(self, name), int)
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if not self.blocks:
             raise ValueError("blocks: an architecture needs at least one block")
         for i, block in enumerate(self.blocks):
-            _check_type(f"blocks[{i}]", block, BlockChoice)
+            check_type(f"blocks[{i}]", block, BlockChoice)
             _validate_block(i, block)
 
     @property
@@ -98,17 +98,17 @@ class Architecture:
         """Build from parsed JSON, checking the schema field by field."""
         if not isinstance(data, dict):
             raise ValueError(f"architecture must be a JSON object, got {type(data).__name__}")
-        _check_fields("", data, _TOP_LEVEL_FIELDS)
+        check_fields("", data, _TOP_LEVEL_FIELDS)
         blocks_data = data["blocks"]
-        _check_type("blocks", blocks_data, list)
+        check_type("blocks", blocks_data, list)
         blocks = []
         for i, b in enumerate(blocks_data):
-            _check_type(f"blocks[{i}]", b, dict)
-            _check_fields(f"blocks[{i}].", b, _BLOCK_FIELDS)
-            _check_type(f"blocks[{i}].mixer", b["mixer"], str)
-            _check_type(f"blocks[{i}].mlp_kept", b["mlp_kept"], list)
+            check_type(f"blocks[{i}]", b, dict)
+            check_fields(f"blocks[{i}].", b, _BLOCK_FIELDS)
+            check_type(f"blocks[{i}].mixer", b["mixer"], str)
+            check_type(f"blocks[{i}].mlp_kept", b["mlp_kept"], list)
             for j, index in enumerate(b["mlp_kept"]):
-                _check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
+                check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
             blocks.append(BlockChoice(b["mixer"], tuple(b["mlp_kept"])))
         return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks))
 
@@ -145,7 +145,7 @@ def _validate_block(i: int, block: BlockChoice) -> None:
         raise ValueError(f"blocks[{i}].mixer: unknown mixer '{block.mixer}'; expected one of {', '.join(MIXERS)}")
     kept = block.mlp_kept
     for j, index in enumerate(kept):
-        _check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
+        check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
     if kept and kept[0] < 0:
         raise ValueError(f"blocks[{i}].mlp_kept: index {kept[0]} is negative")
     for a, b in zip(kept, kept[1:], strict=False):
@@ -155,13 +155,15 @@ def _validate_block(i: int, block: BlockChoice) -> None:
             raise ValueError(f"blocks[{i}].mlp_kept: indices must be sorted ascending ({b} comes after {a})")
 
 
-def _check_type(field: str, value: Any, expected: type) -> None:
+def check_type(field: str, value: Any, expected: type) -> None:
+    """Raise a `ValueError` naming `field` unless `value` is an `expected` (JSON schema checks)."""
     # bool is an int subclass in Python, but `true` is never a valid size or index.
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ValueError(f"{field}: expected {expected.__name__}, got {type(value).__name__} {value!r:.40}")
 
 
-def _check_fields(prefix: str, data: dict, fields: Sequence[str]) -> None:
+def check_fields(prefix: str, data: dict, fields: Sequence[str]) -> None:
+    """Raise a `ValueError` naming the first missing or unknown key of a JSON object."""
     missing = [f for f in fields if f not in data]
     if missing:
         raise ValueError(f"{prefix}{missing[0]}: required field is missing")

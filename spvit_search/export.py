@@ -1,0 +1,363 @@
+"""Export: from a supernet and an `Architecture` to a plain `VisionTransformerSubnet`, saved and loaded as data.
+
+`export_subnet` folds the chosen candidates into ordinary layers: msa blocks get qkv rejoined from qk and
+v; bconv blocks get the conv weight, its bias and the projection mixed from v, proj and z
+(`UnifiedAttention.conv_parameters`); MLPs keep only their kept units' rows of fc1 and columns of fc2.
+A subnet directory holds `arch.json`, `config.json` and `model.safetensors`; `load_subnet` rebuilds
+the modules from the first two and loads the tensors, with no supernet and no pickle.
+
+`timm.create_model("spvit_subnet", subnet_dir=DIR)` loads such a directory too, once this module has
+been imported (importing registers the name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+from timm.models import register_model
+from torch import nn
+
+from finetune.checkpoint import load_checkpoint
+from supernets import Architecture, BlockChoice, GateConfig, VisionTransformerSupernet, build_supernet
+from supernets.architecture import CONV_KERNEL_SIZE
+from supernets.io import atomic_write_bytes, atomic_write_text, load_state_dict_file
+from supernets.subnet import VisionTransformerSubnet
+from supernets.unified_attention import UnifiedAttention
+from supernets.unified_mlp import UnifiedMlp
+from supernets.vit import SuperBlock
+
+__all__ = [
+    "check_onnx_exporter",
+    "export_onnx",
+    "export_subnet",
+    "load_search_supernet",
+    "load_subnet",
+    "read_released_architectures",
+    "round_mlp",
+    "save_subnet",
+    "subnet_state_dict",
+]
+
+ARCH = "arch.json"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "spvit-search subnet"
+FORMAT_VERSION = 1
+TIMM_NAME = "spvit_subnet"
+_RELEASED_FIELDS = ("model", "mixers", "mlp_hidden", "mlp_kept")
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+
+def export_subnet(net: VisionTransformerSupernet, arch: Architecture, fold_bn: bool = False) -> VisionTransformerSubnet:
+    """The plain model that computes what `net` computes with `arch` fixed, in eval mode.
+
+    With `fold_bn`, every bconv's BN is folded into its conv: the same eval-mode output with one layer
+    fewer, but no BN statistics left to adapt when fine-tuning. The subnet holds copies, on `net`'s device.
+    """
+    net.validate_architecture(arch)
+    with torch.device("meta"):  # structure only: every tensor comes from the supernet below
+        subnet = VisionTransformerSubnet(arch, net.model_kwargs)
+    _assign_weights(subnet, subnet_state_dict(net, arch))
+    subnet.eval()
+    return subnet.fold_batch_norm() if fold_bn else subnet
+
+
+@torch.no_grad()
+def subnet_state_dict(net: VisionTransformerSupernet, arch: Architecture) -> dict[str, torch.Tensor]:
+    """The state dict of `arch`'s subnet, computed from `net`'s weights (fresh tensors, not views)."""
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}  # stem, tokens, norm, head
+    for i, (block, choice) in enumerate(zip(net.blocks, arch.blocks, strict=True)):
+        state |= _prefixed(f"blocks.{i}.", _block_state(block, choice))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _block_state(block: SuperBlock, choice: BlockChoice) -> dict[str, torch.Tensor]:
+    state = {}
+    if choice.mixer != "skip":
+        state |= _prefixed("norm1.", block.norm1.state_dict()) | _prefixed("ls1.", block.ls1.state_dict())
+        state |= _prefixed("mixer.", _mixer_state(block.attn, choice.mixer))
+    state |= _prefixed("norm2.", block.norm2.state_dict()) | _prefixed("ls2.", block.ls2.state_dict())
+    return state | _prefixed("mlp.", _mlp_state(block.mlp, choice.mlp_kept))
+
+
+def _mixer_state(attn: UnifiedAttention, mixer: str) -> dict[str, torch.Tensor]:
+    state = _prefixed("proj.", attn.proj.state_dict())
+    if mixer == "msa":
+        state["qkv.weight"] = torch.cat([attn.qk.weight, attn.v.weight])  # (3·A, D): q, k, v rows as timm's
+        if attn.v.bias is not None:
+            state["qkv.bias"] = torch.cat([attn.qk.bias, attn.v.bias])
+        return state | _prefixed("q_norm.", attn.q_norm.state_dict()) | _prefixed("k_norm.", attn.k_norm.state_dict())
+    kernel_size = CONV_KERNEL_SIZE[mixer]
+    kernel, bias, proj = attn.conv_parameters(kernel_size)
+    state |= {"conv.weight": kernel, "proj.weight": proj}
+    if bias is not None:
+        state["conv.bias"] = bias
+    bn = attn.bn1 if kernel_size == 1 else attn.bn3
+    return state | _prefixed("bn.", bn.state_dict())
+
+
+def _mlp_state(mlp: UnifiedMlp, kept: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    index = torch.tensor(kept, dtype=torch.long, device=mlp.fc1.weight.device)
+    state = {"fc1.weight": mlp.fc1.weight[index], "fc2.weight": mlp.fc2.weight[:, index]}  # (k, D), (D, k)
+    if mlp.fc1.bias is not None:
+        state["fc1.bias"] = mlp.fc1.bias[index]
+    if mlp.fc2.bias is not None:
+        state["fc2.bias"] = mlp.fc2.bias
+    return state
+
+
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _assign_weights(subnet: VisionTransformerSubnet, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` into a subnet built on the meta device, taking the tensors over (no copy)."""
+    subnet.load_state_dict(state, assign=True)
+    # A non-persistent buffer is in no state dict: it would stay an empty meta tensor and fail in the forward.
+    left = [name for name, t in [*subnet.named_parameters(), *subnet.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"the subnet's {', '.join(left[:4])} are in no state dict; the exporter must compute them")
+
+
+# -- save and load ----------------------------------------------------------------------------------
+
+
+def save_subnet(model: VisionTransformerSubnet, directory: str | os.PathLike) -> None:
+    """Write `arch.json`, `config.json` and `model.safetensors` into `directory`, each file atomically."""
+    directory = Path(directory)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / WEIGHTS, save(tensors, metadata={"format": FORMAT}))
+    config = {"format": FORMAT, "version": FORMAT_VERSION, **model.config()}
+    atomic_write_text(directory / CONFIG, json.dumps(config, indent=2) + "\n")
+    model.arch.save(directory / ARCH)
+
+
+def load_subnet(directory: str | os.PathLike) -> VisionTransformerSubnet:
+    """The subnet saved in `directory`, in eval mode on the CPU; no supernet and no pickle involved.
+
+    Raises `ValueError` naming the block and field when `arch.json` does not describe the saved weights.
+    """
+    directory = Path(directory)
+    for name in (ARCH, CONFIG, WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"not a subnet directory: {directory / name} is missing")
+    config = _read_config(directory / CONFIG)
+    arch = Architecture.load(directory / ARCH)
+    state = load_state_dict_file(directory / WEIGHTS)  # safetensors: tensors only
+    try:
+        with torch.device("meta"):
+            model = VisionTransformerSubnet.from_config(config, arch)
+    except ValueError as e:  # e.g. an arch.json with more blocks than its model has
+        raise ValueError(f"{directory}: {e}") from None
+    _check_weights_fit(model, state, directory)
+    _assign_weights(model, state)
+    return model.eval()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an spvit-search subnet config (format '{FORMAT}')")
+    if config.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: subnet format version {config.get('version')} is not {FORMAT_VERSION}")
+    return {k: v for k, v in config.items() if k not in ("format", "version")}
+
+
+def _check_weights_fit(model: VisionTransformerSubnet, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """Raise a `ValueError` naming the first field of arch.json (or config.json) the weights contradict."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected == found:
+        return
+    prefix = f"{directory}: {ARCH} does not match {WEIGHTS}"
+    saved_depth = len({m.group(1) for m in map(_BLOCK_KEY.match, found) if m})
+    if saved_depth != model.arch.depth:
+        raise ValueError(f"{prefix}: blocks: {ARCH} has {model.arch.depth} blocks, the weights {saved_depth}")
+    for i, choice in enumerate(model.arch.blocks):
+        mixer, width = _saved_block(found, i)
+        if mixer != choice.mixer:
+            raise ValueError(f"{prefix}: blocks[{i}].mixer is '{choice.mixer}', but the weights hold a '{mixer}' block")
+        if width != len(choice.mlp_kept):
+            raise ValueError(
+                f"{prefix}: blocks[{i}].mlp_kept keeps {len(choice.mlp_kept)} hidden units, the weights {width}"
+            )
+    differences = sorted(set(expected) ^ set(found)) + [k for k in expected if k in found and expected[k] != found[k]]
+    details = [f"{k} {found.get(k, 'missing')} vs {expected.get(k, 'unexpected')}" for k in differences[:4]]
+    raise ValueError(
+        f"{directory}: {WEIGHTS} does not fit {ARCH} and {CONFIG} (img_size, num_classes, model_kwargs or fold_bn): "
+        + "; ".join(details)
+    )
+
+
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+
+
+def _saved_block(shapes: dict[str, tuple[int, ...]], i: int) -> tuple[str, int | None]:
+    """(mixer, MLP width) of block `i` as its saved tensors show them."""
+    p = f"blocks.{i}."
+    conv = shapes.get(f"{p}mixer.conv.weight")  # (dh, D, k, k)
+    mixer = "msa" if f"{p}mixer.qkv.weight" in shapes else "skip" if conv is None else f"bconv{conv[-1]}"
+    fc1 = shapes.get(f"{p}mlp.fc1.weight")  # (k, D)
+    return mixer, None if fc1 is None else fc1[0]
+
+
+# -- timm -------------------------------------------------------------------------------------------
+
+
+@register_model
+def spvit_subnet(pretrained: bool = False, subnet_dir: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """timm entry point: `timm.create_model("spvit_subnet", subnet_dir=DIR)` is `load_subnet(DIR)`.
+
+    The weights always come from DIR (a saved subnet is trained by definition), whatever `pretrained` says.
+    """
+    for timm_argument in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(timm_argument, None)
+    if subnet_dir is None:
+        raise ValueError(f"{TIMM_NAME} needs subnet_dir=DIR, a directory written by save_subnet or `spvit export`")
+    if kwargs:
+        raise ValueError(f"{TIMM_NAME} takes only subnet_dir; got {', '.join(sorted(kwargs))}")
+    return load_subnet(subnet_dir)
+
+
+# -- architectures ----------------------------------------------------------------------------------
+
+
+def read_released_architectures(
+    path: str | os.PathLike, img_size: int = 224, num_classes: int = 1000
+) -> dict[str, Architecture]:
+    """SPViT's released searched architectures, `{name: {model, mixers, mlp_hidden, mlp_kept}}` in JSON, as
+    `Architecture`s. They were searched on ImageNet at 224 px, hence the defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"released architectures not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of named architectures")
+    try:
+        return {name: _released_architecture(name, entry, img_size, num_classes) for name, entry in data.items()}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _released_architecture(name: str, entry: Any, img_size: int, num_classes: int) -> Architecture:
+    missing = [f for f in _RELEASED_FIELDS if not isinstance(entry, dict) or f not in entry]
+    if missing:
+        raise ValueError(f"{name}.{missing[0]}: required field is missing")
+    mixers, hidden, kept = entry["mixers"], entry["mlp_hidden"], entry["mlp_kept"]
+    if not all(isinstance(x, list) for x in (mixers, hidden, kept)) or not len(mixers) == len(hidden) == len(kept):
+        raise ValueError(f"{name}: mixers, mlp_hidden and mlp_kept must be lists with one entry per block")
+    try:
+        blocks = [BlockChoice(m, tuple(sorted(k))) for m, k in zip(mixers, kept, strict=True)]
+        arch = Architecture(entry["model"], img_size, num_classes, tuple(blocks))
+        arch.validate_for(model=arch.model, img_size=img_size, num_classes=num_classes, mlp_hidden=hidden)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: {e}") from None
+    return arch
+
+
+def round_mlp(arch: Architecture, net: VisionTransformerSupernet, multiple: int) -> Architecture:
+    """`arch` with every MLP width rounded up to a multiple of `multiple` (or to the full width): matrix sizes
+    that vector units and GEMM kernels like. The units added back are the most important dropped ones,
+    those with the largest gate logits (ties: lowest index first)."""
+    if multiple < 1:
+        raise ValueError(f"round_mlp: the multiple must be a positive integer, got {multiple}")
+    net.validate_architecture(arch)
+    blocks = []
+    for block, choice in zip(net.blocks, arch.blocks, strict=True):
+        hidden = block.mlp.hidden_features
+        width = len(choice.mlp_kept)
+        extra = min(-(-width // multiple) * multiple, hidden) - width
+        dropped = torch.ones(hidden, dtype=torch.bool)
+        dropped[list(choice.mlp_kept)] = False
+        dropped = dropped.nonzero().squeeze(1)
+        logits = block.mlp.gates.logits.detach().cpu()[dropped]
+        added = dropped[torch.sort(logits, descending=True, stable=True).indices[:extra]].tolist()
+        blocks.append(BlockChoice(choice.mixer, tuple(sorted([*choice.mlp_kept, *added]))))
+    return dataclasses.replace(arch, blocks=tuple(blocks))
+
+
+# -- search runs ------------------------------------------------------------------------------------
+
+
+def load_search_supernet(path: str | os.PathLike) -> VisionTransformerSupernet:
+    """The supernet a search run saved (`supernet.safetensors`), with its searched weights and gates."""
+    model_state, state = load_checkpoint(path)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict) or not {"model", "img_size", "num_classes", "model_kwargs", "gates"} <= set(config):
+        raise ValueError(f"{path} holds no supernet config; was it written by `spvit search`?")
+    net = build_supernet(
+        config["model"],
+        img_size=config["img_size"],
+        num_classes=config["num_classes"],
+        gates=GateConfig(**config["gates"]),
+        **config["model_kwargs"],
+    )
+    try:
+        net.load_state_dict(model_state)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors; the first detail line says which
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"{path} does not fit the supernet '{config['model']}': {detail}") from None
+    return net
+
+
+# -- ONNX -------------------------------------------------------------------------------------------
+
+
+def check_onnx_exporter() -> None:
+    """Raise a `ValueError` early, before any long work, when torch.onnx's exporter cannot run here."""
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"ONNX export needs {' and '.join(missing)} (pip install onnx onnxscript)")
+
+
+def export_onnx(model: VisionTransformerSubnet, path: str | os.PathLike, tolerance: float = 1e-4) -> float | None:
+    """Write `model` (switched to eval mode) as one ONNX file with a dynamic batch size and, where
+    onnxruntime is installed, check it.
+
+    Returns onnxruntime's largest absolute logit difference from PyTorch on a random batch of 2, or None
+    when onnxruntime is not installed. A difference above `tolerance` (relative to the logits' scale) is
+    a `ValueError`: the file would not compute what the model computes.
+    """
+    check_onnx_exporter()
+    model.eval()
+    device = next(model.parameters()).device
+    image = torch.randn(2, model.patch_embed.proj.in_channels, model.img_size, model.img_size, device=device)
+    program = torch.onnx.export(
+        model,
+        (image,),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        external_data=False,  # one self-contained file; subnets are far below protobuf's 2 GB limit
+        verbose=False,
+    )
+    data = program.model_proto.SerializeToString()
+    atomic_write_bytes(path, data)
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"image": image.cpu().numpy()})
+    with torch.no_grad():
+        expected = model(image).cpu()
+    difference = (torch.from_numpy(logits) - expected).abs().max().item()
+    if difference > tolerance * max(1.0, expected.abs().max().item()):
+        raise ValueError(f"{path}: onnxruntime's logits differ from PyTorch's by up to {difference:.3g}")
+    return difference
