@@ -171,16 +171,19 @@ class UnifiedAttention(nn.Module):
         return x[:, self.num_prefix_tokens :].reshape(B, gh, gw, D)
 
     def _project_conv(self, y: torch.Tensor, bn: nn.BatchNorm2d, proj: torch.Tensor) -> torch.Tensor:
-        """BN → ReLU → linear(dh → D) on conv output y (B, dh, gh, gw); prefix tokens get zeros."""
+        """BN → ReLU → linear(dh → D) on conv output y (B, dh, gh, gw): the patch tokens' update (B, gh·gw, D)."""
         y = self.act(bn(y)).flatten(2).transpose(1, 2)  # (B, gh·gw, dh)
-        y = self.proj_drop(F.linear(y, proj, self.proj.bias))  # (B, gh·gw, D)
-        return F.pad(y, (0, 0, self.num_prefix_tokens, 0))  # (B, N, D)
+        return self.proj_drop(F.linear(y, proj, self.proj.bias))  # (B, gh·gw, D)
+
+    def _with_prefix(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, gh·gw, D) → (B, N, D): prefix tokens get a zero update from conv candidates."""
+        return F.pad(patches, (0, 0, self.num_prefix_tokens, 0))
 
     def _forward_conv(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
         grid = self._patch_grid(x).permute(0, 3, 1, 2)  # (B, D, gh, gw)
         kernel, bias, proj = self.conv_parameters(kernel_size)
         y = F.conv2d(grid, kernel, bias, padding=kernel_size // 2)  # (B, dh, gh, gw)
-        return self._project_conv(y, self.bn1 if kernel_size == 1 else self.bn3, proj)
+        return self._with_prefix(self._project_conv(y, self.bn1 if kernel_size == 1 else self.bn3, proj))
 
     def _forward_search(self, x: torch.Tensor) -> torch.Tensor:
         c = torch.cumprod(self.gates(), 0)  # cumulative [bconv1, bconv3, msa], each 0 or 1 in value
@@ -191,18 +194,18 @@ class UnifiedAttention(nn.Module):
         trains = {mixer: torch.is_grad_enabled() and bool(k.detach() != 0) for mixer, k in coefficients.items()}
         with torch.set_grad_enabled(any(trains.values())):
             v = F.linear(x, self.v.weight)  # (B, N, A), bias added per candidate
-        out = torch.zeros_like(x)
-        for mixer, coefficient in coefficients.items():
+        outputs = {}
+        for mixer in coefficients:
             with torch.set_grad_enabled(trains[mixer]):
                 if mixer == "msa":
-                    y = self._attention(x, v if self.v.bias is None else v + self.v.bias)
+                    outputs[mixer] = self._attention(x, v if self.v.bias is None else v + self.v.bias)
                 else:
-                    y = self._search_conv(v, CONV_KERNEL_SIZE[mixer])
-            out = out + coefficient * y
-        return out
+                    outputs[mixer] = self._search_conv(v, CONV_KERNEL_SIZE[mixer])  # patch tokens only
+        convs = coefficients["bconv1"] * outputs["bconv1"] + coefficients["bconv3"] * outputs["bconv3"]
+        return coefficients["msa"] * outputs["msa"] + self._with_prefix(convs)
 
     def _search_conv(self, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        """bconv_k output (B, N, D) from the bias-free value projection v (B, N, A), mixing heads per token.
+        """bconv_k update of the patch tokens (B, gh·gw, D) from the bias-free value projection v (B, N, A).
 
         Equal to `_forward_conv` with `conv_parameters(k)`, but cheaper while z trains: the heads of v are mixed
         per tap (a depthwise conv over the A = heads·dh channels, then a sum over heads) instead of building
