@@ -224,9 +224,10 @@ class Engine:
 
     def _train_step(self, batch: Any) -> dict[str, float]:
         loss, metrics = self.task.training_step(self.forward_model, batch)
-        if not math.isfinite(loss.item()):
+        value = loss.item()
+        if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); the last checkpoint "
+                f"loss is {value} at step {self.step + 1} (epoch {self.epoch + 1}); the last checkpoint "
                 f"is intact: lower the learning rate and resume or restart"
             )
         for optimizer in self.optimizers.values():
@@ -239,7 +240,7 @@ class Engine:
         for scheduler in self.schedulers.values():
             scheduler.step()
         self.step += 1
-        metrics["loss"] = loss.item()
+        metrics["loss"] = value
         for name, optimizer in self.optimizers.items():
             metrics[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
         self.task.after_step(metrics)

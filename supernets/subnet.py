@@ -20,7 +20,7 @@ from torch import nn
 
 from .architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice, check_fields, check_type
 from .registry import check_model_name, create_source_model
-from .vit import ViTStemAndHead, unsupported_features
+from .vit import ViTStemAndHead
 
 _CONFIG_FIELDS = ("model_kwargs", "fold_bn")
 
@@ -211,9 +211,6 @@ class VisionTransformerSubnet(ViTStemAndHead):
         self.model_kwargs = dict(model_kwargs or {})
         check_model_name(arch.model)
         vit = create_source_model(arch.model, img_size=arch.img_size, num_classes=arch.num_classes, **self.model_kwargs)
-        reasons = unsupported_features(vit)
-        if reasons:
-            raise ValueError(f"'{arch.model}' cannot be a subnet: {'; '.join(reasons)}")
         mlp_hidden = [b.mlp.fc1.out_features for b in vit.blocks]  # the depth and kept indices must fit these
         arch.validate_for(model=arch.model, img_size=arch.img_size, num_classes=arch.num_classes, mlp_hidden=mlp_hidden)
         self.adopt_stem_and_head(vit, arch.model)

@@ -96,6 +96,9 @@ class ViTStemAndHead(nn.Module):
 
     def adopt_stem_and_head(self, vit: VisionTransformer, name: str) -> None:
         """Copy every module and token of `vit` outside its blocks, and the settings their forward needs."""
+        reasons = unsupported_features(vit)
+        if reasons:
+            raise ValueError(f"'{name}' cannot be searched or pruned: {'; '.join(reasons)}")
         img_h, img_w = vit.patch_embed.img_size
         if img_h != img_w:
             raise ValueError(f"'{name}': only square images are supported, got {img_h}x{img_w}")
@@ -148,9 +151,6 @@ class VisionTransformerSupernet(ViTStemAndHead):
         gates: GateConfig = GateConfig(),
     ) -> None:
         super().__init__()
-        reasons = unsupported_features(vit)
-        if reasons:
-            raise ValueError(f"'{name}' cannot be searched: {'; '.join(reasons)}")
         self.adopt_stem_and_head(vit, name)
         self.model_kwargs = dict(model_kwargs or {})
         self.gate_config = gates
