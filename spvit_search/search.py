@@ -112,18 +112,17 @@ class SearchTask:
         self.context = context
         self.gate_generator = gate_generator
         self.on_target_streak = 0
-        self._flops: torch.Tensor | None = None
 
     def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         images, targets = batch
         logits = model(images)
         ce = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
-        self._flops = differentiable_flops(self.net, self.lut, self.config.estimator)
-        complexity = self.complexity(self._flops)
+        flops = differentiable_flops(self.net, self.lut, self.config.estimator)
+        complexity = self.complexity(flops)
         metrics = {
             "ce": ce.item(),
             "complexity": complexity.item(),
-            "macs": self._flops.item(),
+            "macs": flops.item(),
             "target_macs": float(self.complexity.target),
             "lambda": self.complexity.lam,
             "acc1": 100 * (logits.argmax(1) == targets).float().mean().item(),
