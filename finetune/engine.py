@@ -1,7 +1,8 @@
 """The one training loop, shared by search and fine-tuning.
 
 A `Task` says what a step computes and what an epoch's end decides; the `Engine` owns everything else:
-optimizers and schedules, DDP, gradient clipping, checkpoint/resume, `metrics.jsonl` and progress bars.
+optimizers and schedules, DDP, gradient clipping, bf16 autocast, the weights' EMA, checkpoint/resume,
+best and last models, `metrics.jsonl` and progress bars.
 Resuming from a checkpoint continues bit-identically: the data order depends only on (seed, epoch),
 the global RNG states are saved, and a resumed epoch restarts at the first batch not yet trained.
 (With loader workers, augmentation inside workers is identical for resumes at epoch boundaries only.)
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistributedContext
+from .ema import ModelEma
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -54,6 +56,9 @@ class Task(Protocol):
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Act on an epoch's validation metrics; True stops training early."""
 
+    def save_model(self, model: nn.Module, name: str) -> None:
+        """Write the evaluated model as `name` ("best" or "last"); called only with `best_metric` set."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -68,6 +73,9 @@ class EngineConfig:
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
     progress: bool = True  # tqdm bars on the main process
     find_unused_parameters: bool = False  # DDP: some parameters may get no gradient in a step (single-path search)
+    bf16: bool = False  # training forwards under bfloat16 autocast (CPU or CUDA); evaluation stays float32
+    ema_decay: float | None = None  # keep an EMA of the weights; it is the model evaluated and saved
+    best_metric: str | None = None  # validation metric (higher is better) that picks the "best" saved model
 
 
 class MetricsLog:
@@ -122,6 +130,8 @@ class Engine:
         self.batches_done = 0  # batches of `epoch` already trained
         self.step = 0
         self.finished = False
+        self.best: float | None = None  # the best `best_metric` so far
+        self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
         self._pending_rng: dict[str, Any] | None = None
         self._stop_signal: int | None = None
         self._loader_seed = train_loader.generator.initial_seed() if train_loader.generator is not None else 0
@@ -141,6 +151,8 @@ class Engine:
             "batches_done": self.batches_done,
             "step": self.step,
             "finished": self.finished,
+            "best": self.best,
+            "ema": self.ema.state_dict() if self.ema else None,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "rng": rng_state(),
@@ -159,7 +171,12 @@ class Engine:
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         self.task.load_state_dict(state["task"])
+        if self.ema:
+            if state["ema"] is None:
+                raise ValueError(f"{self.checkpoint_path} was trained without EMA; resume without --model-ema")
+            self.ema.load_state_dict(state["ema"])
         self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
+        self.best = state["best"]
         self._pending_rng = state["rng"]  # applied once the resumed epoch's batches are laid out
         self.log.truncate_after(self.step)
 
@@ -171,17 +188,44 @@ class Engine:
         with self._signals_save_and_stop():
             while self.epoch < self.config.epochs:
                 self._train_epoch()
-                self.model.eval()
-                with torch.no_grad():
-                    metrics = self.task.evaluate(self.model)
-                self.model.train()
-                self.log.write({"step": self.step, "epoch": self.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+                metrics = self._evaluate()
                 stop = self.task.end_epoch(self.epoch, metrics)
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 self.finished = stop or self.epoch >= self.config.epochs
                 self.save()
                 if stop:
                     break
+        return metrics
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is evaluated and saved: the EMA when there is one."""
+        return self.ema.module if self.ema else self.model
+
+    def _evaluate(self) -> dict[str, float]:
+        """Validation metrics of the evaluated model (the raw model's too, as `raw_*`, under EMA); saves the
+        last and best models."""
+        record: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.eval_model)
+            if self.ema:
+                record.update({f"val_raw_{k}": v for k, v in self.task.evaluate(self.model).items()})
+        self.model.train()
+        record.update({f"val_{k}": v for k, v in metrics.items()})
+        name = self.config.best_metric
+        if name is not None:
+            if name not in metrics:
+                raise KeyError(f"best_metric '{name}' is not among the validation metrics {sorted(metrics)}")
+            improved = self.best is None or metrics[name] > self.best
+            if improved:
+                self.best = metrics[name]
+            record[f"best_{name}"] = self.best
+            if self.context.is_main:
+                self.task.save_model(self.eval_model, "last")
+                if improved:
+                    self.task.save_model(self.eval_model, "best")
+        self.log.write(record)
         return metrics
 
     def _train_epoch(self) -> None:
@@ -223,7 +267,9 @@ class Engine:
         self._pending_rng = None
 
     def _train_step(self, batch: Any) -> dict[str, float]:
-        loss, metrics = self.task.training_step(self.forward_model, batch)
+        device_type = next(self.model.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            loss, metrics = self.task.training_step(self.forward_model, batch)
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLossError(
@@ -239,6 +285,8 @@ class Engine:
             optimizer.step()
         for scheduler in self.schedulers.values():
             scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
         self.step += 1
         metrics["loss"] = value
         for name, optimizer in self.optimizers.items():

@@ -20,16 +20,6 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
-DEMO_PLAN = """\
-spvit demo: the main job on the embedded digits dataset, end to end on the CPU.
-  1. train a tiny dense ViT on digits (cached for reruns)
-  2. build the FLOPs lookup table of its search space
-  3. search under a 0.5x MACs budget
-  4. export the searched subnet as a plain PyTorch model
-  5. fine-tune it with soft knowledge distillation from the dense model
-  6. evaluate dense vs subnet and write the report
-Steps 1-6 land with the search, export and fine-tune issues; this build has the search space only."""
-
 
 def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
     """`k=v` pairs as timm's train.py takes them; values are Python literals where they parse as one."""
@@ -154,7 +144,69 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write model.onnx (needs onnx and onnxscript); checked against PyTorch if onnxruntime is installed",
     )  # fmt: skip
 
-    sub.add_parser("demo", help="run the main job end to end on the embedded digits data", description=DEMO_PLAN)
+    finetune = sub.add_parser(
+        "finetune",
+        help="fine-tune an exported subnet with knowledge distillation",
+        description="Train a subnet directory (from `spvit export`) with distillation from a teacher: by default the "
+        "dense model it was searched from. Writes config.json, metrics.jsonl, best/ and last/ (subnet directories), "
+        "arch.json and summary.json into --out. Runs under torchrun for DDP.",
+    )
+    finetune.add_argument("--subnet", required=True, help="subnet directory written by `spvit export`")
+    finetune.add_argument(
+        "--init", choices=("subnet", "dense"), default="subnet",
+        help="start from the subnet's weights (the search's) or from the dense source model's (the paper's choice)",
+    )  # fmt: skip
+    add_data_arguments(finetune)
+    teacher = finetune.add_argument_group("distillation")
+    teacher.add_argument(
+        "--distillation", "--distillation-type", dest="distillation", choices=("soft", "hard", "none"),
+        default="soft", help="soft: KL of temperature-scaled outputs; hard: CE on the teacher's top-1 (DeiT)",
+    )  # fmt: skip
+    teacher.add_argument(
+        "--teacher-model", default=None,
+        help="a model name (with --teacher-checkpoint) or a subnet directory (default: the subnet's dense source)",
+    )  # fmt: skip
+    teacher.add_argument("--teacher-checkpoint", "--teacher-path", default=None, help="weights of --teacher-model")
+    teacher.add_argument("--teacher-pretrained", action="store_true", help="timm's pretrained teacher (downloads)")
+    teacher.add_argument("--distillation-alpha", type=float, default=0.5, help="weight of the distillation term")
+    teacher.add_argument("--distillation-tau", type=float, default=1.0, help="soft distillation temperature")
+    optim = finetune.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=30)
+    optim.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate, warmup then cosine")
+    optim.add_argument("--weight-decay", type=float, default=0.05)
+    optim.add_argument("--warmup-epochs", type=int, default=1)
+    optim.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    optim.add_argument("--clip-grad", type=float, default=5.0, help="max gradient norm (0: off)")
+    optim.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights; evaluate and save it")
+    optim.add_argument("--model-ema-decay", type=float, default=0.9998)
+    optim.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards")
+    add_run_arguments(finetune)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="top-1, top-5, MACs, params and latency of a model",
+        description="Evaluate a subnet directory or a model (timm name with weights) on a dataset's val split.",
+    )
+    which = evaluate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--subnet", default=None, help="subnet directory (spvit export, or finetune's best/ last/)")
+    which.add_argument("--model", default=None, help="timm or supernet model name")
+    weights = evaluate.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", default=None, help="--model's weights (timm format)")
+    weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (downloads)")
+    evaluate.add_argument("--img-size", type=int, default=None, help="--model's input size (default: the model's)")
+    evaluate.add_argument("--num-classes", type=int, default=None, help="--model's classes (default: the dataset's)")
+    evaluate.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V", help="extra --model arguments")
+    add_data_arguments(evaluate)
+    evaluate.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the main job end to end on the embedded digits data",
+        description="Train a tiny dense ViT on digits (cached for reruns), build its lookup table, search at 0.5x "
+        "MACs, export, fine-tune with soft distillation, evaluate dense vs subnet and write the report.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="where the demo's run directories go")
+    demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser
 
 
@@ -208,7 +260,15 @@ def run_export(args: argparse.Namespace) -> None:
     from lookup_tables import LookupTable
     from supernets import MIXERS, Architecture
 
-    from .export import check_onnx_exporter, export_onnx, export_subnet, load_search_supernet, round_mlp, save_subnet
+    from .export import (
+        check_onnx_exporter,
+        export_onnx,
+        export_subnet,
+        load_search_supernet,
+        round_mlp,
+        save_subnet,
+        subnet_source,
+    )
 
     if args.onnx:
         check_onnx_exporter()
@@ -229,7 +289,7 @@ def run_export(args: argparse.Namespace) -> None:
         )
         arch, macs = rounded, lut.flops(rounded)
     subnet = export_subnet(net, arch, fold_bn=args.fold_bn)
-    save_subnet(subnet, out)
+    save_subnet(subnet, out, source=subnet_source(run, arch))
     params = sum(p.numel() for p in subnet.parameters())
     mixers = ", ".join(f"{arch.mixers.count(m)} {m}" for m in MIXERS)
     print(
@@ -246,11 +306,74 @@ def run_export(args: argparse.Namespace) -> None:
             print(f"wrote {out}/model.onnx (onnxruntime matches PyTorch: max logit difference {difference:.2e})")
 
 
+def run_finetune_command(args: argparse.Namespace) -> None:
+    from .finetuning import FinetuneConfig, run_finetune
+
+    config = FinetuneConfig(
+        subnet=args.subnet, data=args.data, out=args.out, init=args.init, teacher_model=args.teacher_model,
+        teacher_checkpoint=args.teacher_checkpoint, teacher_pretrained=args.teacher_pretrained,
+        distillation=args.distillation, distillation_alpha=args.distillation_alpha,
+        distillation_tau=args.distillation_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.smoothing,
+        grad_clip=args.clip_grad or None, model_ema=args.model_ema, model_ema_decay=args.model_ema_decay,
+        bf16=args.bf16, data_root=args.data_root, download=args.download, augment=args.augment,
+        num_workers=args.workers, seed=args.seed, checkpoint_every=args.checkpoint_every, progress=args.progress,
+    )  # fmt: skip
+    summary = run_finetune(config, resume=args.resume)
+    if summary is None:  # a DDP rank other than 0
+        return
+    teacher = summary["teacher_val_acc1"]
+    print(
+        f"fine-tuned {summary['model']} for {summary['epochs']} epochs ({summary['distillation']} distillation): "
+        f"val top-1 {summary['val_acc1']:.2f}% (best {summary['best_val_acc1']:.2f}%)"
+        + (f", teacher {teacher:.2f}%" if teacher is not None else "")
+    )
+    print(f"wrote {args.out}/last and {args.out}/best (subnet directories) and summary.json")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from supernets.registry import create_source_model
+
+    from .data import build_dataset, build_loader, num_classes_of
+    from .evaluation import describe_model, format_description
+    from .export import load_subnet
+
+    if args.subnet is not None:
+        if args.checkpoint or args.pretrained or args.model_kwargs or args.img_size or args.num_classes:
+            raise ValueError("--checkpoint, --pretrained, --img-size, --num-classes and --model-kwargs go with --model")
+        model = load_subnet(args.subnet)
+        img_size, name = model.arch.img_size, args.subnet
+    else:
+        model = None
+        img_size, name = args.img_size, args.model
+    if img_size is None:
+        from timm.models import get_pretrained_cfg_value
+
+        size = get_pretrained_cfg_value(args.model, "input_size")
+        img_size = size[-1] if size else 224
+    val = build_dataset(args.data, "val", img_size, args.download, args.data_root, augment=False)
+    if model is None:
+        classes = args.num_classes or num_classes_of(val)
+        model = create_source_model(
+            args.model, args.pretrained, args.checkpoint, img_size, classes, **parse_model_kwargs(args.model_kwargs)
+        )
+    loader = build_loader(val, args.batch_size, train=False, num_workers=args.workers)
+    print(format_description(name, describe_model(model, loader, img_size, args.latency_batch)))
+
+
+def run_demo_command(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.out, progress=args.progress))
+
+
 COMMANDS = {
     "lut": run_lut,
     "search": run_search_command,
     "export": run_export,
-    "demo": lambda args: print(DEMO_PLAN),
+    "finetune": run_finetune_command,
+    "eval": run_eval,
+    "demo": run_demo_command,
 }
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from finetune.checkpoint import load_checkpoint
 from supernets import Architecture, BlockChoice, GateConfig, VisionTransformerSupernet, build_supernet
-from supernets.architecture import CONV_KERNEL_SIZE
+from supernets.architecture import CONV_KERNEL_SIZE, check_fields, check_type
 from supernets.io import atomic_write_bytes, atomic_write_text, load_state_dict_file
 from supernets.subnet import VisionTransformerSubnet
 from supernets.unified_attention import UnifiedAttention
@@ -42,7 +42,9 @@ __all__ = [
     "load_subnet",
     "read_released_architectures",
     "round_mlp",
+    "read_subnet_source",
     "save_subnet",
+    "subnet_source",
     "subnet_state_dict",
 ]
 
@@ -53,6 +55,7 @@ FORMAT = "spvit-search subnet"
 FORMAT_VERSION = 1
 TIMM_NAME = "spvit_subnet"
 _RELEASED_FIELDS = ("model", "mixers", "mlp_hidden", "mlp_kept")
+_SOURCE_FIELDS = ("model", "pretrained", "checkpoint", "img_size", "num_classes", "model_kwargs")
 
 
 # -- export -----------------------------------------------------------------------------------------
@@ -132,12 +135,19 @@ def _assign_weights(subnet: VisionTransformerSubnet, state: dict[str, torch.Tens
 # -- save and load ----------------------------------------------------------------------------------
 
 
-def save_subnet(model: VisionTransformerSubnet, directory: str | os.PathLike) -> None:
-    """Write `arch.json`, `config.json` and `model.safetensors` into `directory`, each file atomically."""
+def save_subnet(
+    model: VisionTransformerSubnet, directory: str | os.PathLike, source: dict[str, Any] | None = None
+) -> None:
+    """Write `arch.json`, `config.json` and `model.safetensors` into `directory`, each file atomically.
+
+    `source` records the dense model the subnet was searched from (`subnet_source`), for fine-tuning.
+    """
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS, save(tensors, metadata={"format": FORMAT}))
     config = {"format": FORMAT, "version": FORMAT_VERSION, **model.config()}
+    if source is not None:
+        config["source"] = source
     atomic_write_text(directory / CONFIG, json.dumps(config, indent=2) + "\n")
     model.arch.save(directory / ARCH)
 
@@ -164,6 +174,39 @@ def load_subnet(directory: str | os.PathLike) -> VisionTransformerSubnet:
     return model.eval()
 
 
+def subnet_source(run: str | os.PathLike, arch: Architecture) -> dict[str, Any] | None:
+    """The dense model behind a search run's subnet, from the run's `config.json`, as the arguments that
+    rebuild it with its weights; None when the run's config cannot be read."""
+    try:
+        config = json.loads((Path(run) / CONFIG).read_text(encoding="utf-8"))
+        checkpoint = config["checkpoint"]
+        return {
+            "model": arch.model,
+            "pretrained": bool(config["pretrained"]),
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+            "img_size": arch.img_size,
+            "num_classes": arch.num_classes,
+            "model_kwargs": dict(config["model_kwargs"]),
+        }
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def read_subnet_source(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The dense source model recorded in a subnet directory's config, or None if it records none."""
+    path = Path(directory) / CONFIG
+    try:
+        source = json.loads(path.read_text(encoding="utf-8")).get("source")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if source is None:
+        return None
+    check_type("source", source, dict)
+    check_fields("source.", source, _SOURCE_FIELDS)
+    check_type("source.model_kwargs", source["model_kwargs"], dict)
+    return source
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -173,7 +216,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not an spvit-search subnet config (format '{FORMAT}')")
     if config.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: subnet format version {config.get('version')} is not {FORMAT_VERSION}")
-    return {k: v for k, v in config.items() if k not in ("format", "version")}
+    return {k: v for k, v in config.items() if k not in ("format", "version", "source")}
 
 
 def _check_weights_fit(model: VisionTransformerSubnet, state: dict[str, torch.Tensor], directory: Path) -> None:

@@ -8,7 +8,7 @@ A run directory holds `config.json`, `lut.csv`, `metrics.jsonl`, `arch_epoch{N}.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from finetune.checkpoint import save_checkpoint
 from finetune.classification import evaluate_classifier
 from finetune.distributed import DistributedContext, init_distributed, shutdown
-from finetune.engine import CHECKPOINT, Engine, EngineConfig
+from finetune.engine import Engine, EngineConfig
 from finetune.optim import weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables import LookupTable, build_lookup_table, differentiable_flops
@@ -30,13 +30,13 @@ from supernets.io import atomic_write_text
 from .complexity import ComplexityLoss, check_budget, parse_budget
 from .data import build_dataset, build_loader, num_classes_of
 from .projection import project_to_budget
+from .runs import CONFIG, RunConfig, check_run_directory
 
-CONFIG = "config.json"
 SUPERNET = "supernet.safetensors"
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(RunConfig):
     """Every setting of a search run; stored as the run's `config.json`."""
 
     model: str
@@ -79,14 +79,6 @@ class SearchConfig:
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps; every epoch end writes one too
     progress: bool = True
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown search config field '{unknown[0]}'")
-        return cls(**data)
 
 
 class SearchTask:
@@ -169,6 +161,13 @@ def gate_statistics(net: VisionTransformerSupernet) -> dict[str, float]:
     }
     mixers = [b.attn.current_mixer() for b in net.blocks]
     stats.update({f"blocks_{m}": float(mixers.count(m)) for m in MIXERS})
+    # Per block, the probability of each cumulative attention gate and the mean MLP gate probability:
+    # `gate.{i}.msa` is P(the msa gate is on), the reports draw these as trajectories.
+    attn_probs = torch.stack([b.attn.gates.logits.detach() for b in net.blocks]).sigmoid()  # (depth, 3)
+    mlp_probs = torch.stack([b.mlp.gates.logits.detach().sigmoid().mean() for b in net.blocks])  # (depth,)
+    for i, (probs, mlp_prob) in enumerate(zip(attn_probs.tolist(), mlp_probs.tolist(), strict=True)):
+        stats.update({f"gate.{i}.{m}": p for m, p in zip(MIXERS[1:], probs, strict=True)})
+        stats[f"gate.{i}.mlp"] = mlp_prob
     return stats
 
 
@@ -176,7 +175,7 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
     """Search under `config.target`; returns the run's summary (also written as `summary.json`) on the main
     process, None on the other DDP ranks."""
     out_dir = Path(config.out)
-    _check_run_directory(out_dir, config, resume)
+    check_run_directory(out_dir, config, resume)
     device = torch.device("cpu")
     context = init_distributed(device)
     try:
@@ -303,21 +302,3 @@ def _lookup_table(net: VisionTransformerSupernet, config: SearchConfig) -> Looku
     lut = LookupTable.load(config.lut)
     lut.check_supernet(net)
     return lut
-
-
-def _check_run_directory(out_dir: Path, config: SearchConfig, resume: bool) -> None:
-    """Refuse to overwrite a run, or to resume one with other settings."""
-    saved = out_dir / CONFIG
-    if not resume:
-        if (out_dir / CHECKPOINT).exists():
-            raise ValueError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-        return
-    if not (out_dir / CHECKPOINT).exists() or not saved.exists():
-        raise FileNotFoundError(f"nothing to resume in {out_dir}: no {CHECKPOINT} and {CONFIG}")
-    previous = SearchConfig.from_dict(json.loads(saved.read_text()))
-    changed = [f.name for f in fields(SearchConfig) if getattr(previous, f.name) != getattr(config, f.name)]
-    changed = [name for name in changed if name != "progress"]
-    if changed:
-        raise ValueError(
-            f"--resume with other settings than {saved}: {', '.join(changed)} differ; resume with the same settings"
-        )

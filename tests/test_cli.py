@@ -42,8 +42,3 @@ def test_model_kwargs_parse_literals():
     }
     with pytest.raises(ValueError, match="key=value"):
         parse_model_kwargs(["patch_size"])
-
-
-def test_demo_runs(capsys):
-    assert main(["demo"]) == 0
-    assert "spvit demo" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from finetune.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
+from finetune.ema import ModelEma
 from finetune.engine import Engine, EngineConfig, NonFiniteLossError, TrainingInterrupted
 
 
@@ -49,14 +50,14 @@ class RegressionTask:
         self.steps = state["steps"]
 
 
-def make_engine(out: Path, task: RegressionTask, checkpoint_every: int = 0) -> Engine:
+def make_engine(out: Path, task: RegressionTask, checkpoint_every: int = 0, ema_decay: float | None = None) -> Engine:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(40, 4), torch.randn(40, 2))
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, 1, 0, shuffle=True, seed=0))
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 3)
-    config = EngineConfig(out, epochs=3, checkpoint_every=checkpoint_every, progress=False)
+    config = EngineConfig(out, epochs=3, checkpoint_every=checkpoint_every, progress=False, ema_decay=ema_decay)
     return Engine(model, task, {"weights": optimizer}, {"weights": scheduler}, loader, config)
 
 
@@ -64,16 +65,18 @@ def weights(engine: Engine) -> list[torch.Tensor]:
     return [p.detach().clone() for p in engine.model.parameters()]
 
 
-@pytest.mark.parametrize("signal_at", [3, 5, 7])  # 5 batches per epoch: mid-epoch, an epoch's last batch, mid-epoch
-def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, signal_at):
-    straight = make_engine(tmp_path / "a", RegressionTask())
+@pytest.mark.parametrize(
+    "signal_at, ema_decay", [(3, None), (5, None), (7, None), (7, 0.9)]
+)  # 5 batches per epoch: mid-epoch, an epoch's last batch, mid-epoch
+def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, signal_at, ema_decay):
+    straight = make_engine(tmp_path / "a", RegressionTask(), ema_decay=ema_decay)
     straight.fit()
 
-    interrupted = make_engine(tmp_path / "b", RegressionTask(signal_at=signal_at))
+    interrupted = make_engine(tmp_path / "b", RegressionTask(signal_at=signal_at), ema_decay=ema_decay)
     with pytest.raises(TrainingInterrupted, match="checkpoint saved"):
         interrupted.fit()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    resumed = make_engine(tmp_path / "b", RegressionTask())
+    resumed = make_engine(tmp_path / "b", RegressionTask(), ema_decay=ema_decay)
     resumed.resume()
     assert (resumed.epoch, resumed.batches_done, resumed.step) == (
         (signal_at - 1) // 5,
@@ -82,6 +85,8 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, signal_at):
     )
     resumed.fit()
     assert all(torch.equal(a, b) for a, b in zip(weights(straight), weights(resumed), strict=True))
+    averages = [straight.eval_model.state_dict(), resumed.eval_model.state_dict()]
+    assert all(torch.equal(averages[0][k], averages[1][k]) for k in averages[0])
     with pytest.raises(ValueError, match="finished run"):
         make_engine(tmp_path / "b", RegressionTask()).resume()
 
@@ -113,3 +118,60 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(ValueError, match="truncated, corrupt or not an spvit checkpoint"):
         load_checkpoint(path)
+
+
+def test_ema_is_the_exponential_average_of_the_weights():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = ModelEma(model, decay=0.75)
+    for value in (5.0, -3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+    # 1 → 0.75·1 + 0.25·5 = 2 → 0.75·2 + 0.25·(−3) = 0.75
+    assert ema.module.weight.item() == pytest.approx(0.75)
+    assert not ema.module.weight.requires_grad
+
+
+class SavingTask(RegressionTask):
+    """Validation 'accuracy' that rises, falls, then rises past its best: best/last follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scores = iter([1.0, 0.5, 2.0])
+        self.saved: list[tuple[str, float]] = []
+        self.current = 0.0
+
+    def evaluate(self, model):
+        self.current = next(self.scores)
+        return {"acc1": self.current}
+
+    def save_model(self, model, name):
+        self.saved.append((name, self.current))
+
+
+def test_best_and_last_models_follow_the_best_metric(tmp_path):
+    task = SavingTask()
+    engine = make_engine(tmp_path, task)
+    engine.config.best_metric = "acc1"
+    engine.fit()
+    assert task.saved == [("last", 1.0), ("best", 1.0), ("last", 0.5), ("last", 2.0), ("best", 2.0)]
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors")[1]["best"] == 2.0
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16(tmp_path):
+    seen = []
+
+    class DtypeTask(RegressionTask):
+        def training_step(self, model, batch):
+            loss, metrics = super().training_step(model, batch)
+            seen.append(model(batch[0]).dtype)
+            return loss, metrics
+
+    engine = make_engine(tmp_path, DtypeTask())
+    engine.config.bf16 = True
+    engine.config.epochs = 1
+    engine.fit()
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in engine.model.parameters())

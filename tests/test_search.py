@@ -10,42 +10,25 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from finetune.classification import train_classifier
 from lookup_tables import LookupTable
 from spvit_search.cli import main
-from spvit_search.data import build_dataset, build_loader
 from supernets import Architecture
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
-    """test_vit trained two epochs on digits, saved as a timm-format checkpoint."""
-    out = tmp_path_factory.mktemp("dense")
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", img_size=32, patch_size=4, num_classes=10)
-    train = build_loader(build_dataset("digits", "train", 32), 64, train=True, seed=0)
-    val = build_loader(build_dataset("digits", "val", 32), 256, train=False)
-    train_classifier(model, train, val, out, epochs=2, lr=2e-3, progress=False)
-    save_file(model.state_dict(), str(out / "model.safetensors"))
-    return out / "model.safetensors"
-
-
 def search_args(checkpoint: Path, out: Path, *extra: str) -> list[str]:
     return ["search", *TINY, "--checkpoint", str(checkpoint), "--out", str(out), *extra]
 
 
-def test_search_lands_on_the_budget(pretrained, tmp_path, capsys):
+def test_search_lands_on_the_budget(dense_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--target", "0.6x", "--epochs", "8", "--gate-lr", "0.05", "--patience", "2"]
-    assert main(search_args(pretrained, out, *args)) == 0
+    assert main(search_args(dense_checkpoint, out, *args)) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     lut = LookupTable.load(out / "lut.csv")
@@ -70,13 +53,13 @@ def _gate_logits(run: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(run / "supernet.safetensors")).items() if "gates.logits" in k}
 
 
-def test_killed_search_resumes_bit_identically(pretrained, tmp_path):
+def test_killed_search_resumes_bit_identically(dense_checkpoint, tmp_path):
     args = ["--target", "0.5x", "--epochs", "2", "--gate-lr", "0.05", "--checkpoint-every", "5", "--patience", "9"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert main(search_args(pretrained, straight, *args)) == 0
+    assert main(search_args(dense_checkpoint, straight, *args)) == 0
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "spvit_search.cli", *search_args(pretrained, killed, *args)],
+        [sys.executable, "-m", "spvit_search.cli", *search_args(dense_checkpoint, killed, *args)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 300
@@ -86,7 +69,7 @@ def test_killed_search_resumes_bit_identically(pretrained, tmp_path):
     process.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
 
-    assert main(search_args(pretrained, killed, *args, "--resume")) == 0
+    assert main(search_args(dense_checkpoint, killed, *args, "--resume")) == 0
     a, b = _gate_logits(straight), _gate_logits(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "arch.json").read_text() == (killed / "arch.json").read_text()
@@ -94,24 +77,24 @@ def test_killed_search_resumes_bit_identically(pretrained, tmp_path):
     assert steps == sorted(steps)  # no step logged twice across the kill
 
 
-def test_resume_refuses_other_settings_and_finished_runs(pretrained, tmp_path, capsys):
+def test_resume_refuses_other_settings_and_finished_runs(dense_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--target", "0.8x", "--epochs", "1"]
-    assert main(search_args(pretrained, out, *args)) == 0
-    assert main(search_args(pretrained, out, *args)) == 2
+    assert main(search_args(dense_checkpoint, out, *args)) == 0
+    assert main(search_args(dense_checkpoint, out, *args)) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main(search_args(pretrained, out, "--target", "0.7x", "--epochs", "1", "--resume")) == 2
+    assert main(search_args(dense_checkpoint, out, "--target", "0.7x", "--epochs", "1", "--resume")) == 2
     assert "target differ" in capsys.readouterr().err
-    assert main(search_args(pretrained, out, *args, "--resume")) == 2
+    assert main(search_args(dense_checkpoint, out, *args, "--resume")) == 2
     assert "finished run" in capsys.readouterr().err
 
 
-def test_ddp_search_writes_one_set_of_outputs(pretrained, tmp_path):
+def test_ddp_search_writes_one_set_of_outputs(dense_checkpoint, tmp_path):
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "spvit_search.cli",
-         *search_args(pretrained, out, "--target", "0.7x", "--epochs", "1", "--batch-size", "32")],
+         *search_args(dense_checkpoint, out, "--target", "0.7x", "--epochs", "1", "--batch-size", "32")],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

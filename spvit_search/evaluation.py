@@ -1,0 +1,50 @@
+"""`spvit eval`: accuracy, cost and latency of one model, a saved subnet or any timm/supernet model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.classification import evaluate_classifier
+from lookup_tables.counting import count_macs
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, images: torch.Tensor, warmup: int = 2, repeats: int = 10) -> float:
+    """Median milliseconds of one forward of `images` (the model in eval mode)."""
+    model.eval()
+    for _ in range(warmup):
+        model(images)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(images)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def describe_model(model: nn.Module, val_loader: DataLoader, img_size: int, latency_batch: int) -> dict[str, Any]:
+    """Top-1/top-5 on `val_loader`, MACs per image (`fvcore` convention), parameters and latency."""
+    model.eval()
+    metrics = evaluate_classifier(model, val_loader)
+    image = torch.zeros(1, 3, img_size, img_size)
+    return {
+        "acc1": metrics["acc1"],
+        "acc5": metrics["acc5"],
+        "macs": count_macs(model, image),
+        "params": sum(p.numel() for p in model.parameters()),
+        "latency_ms": measure_latency(model, torch.randn(latency_batch, 3, img_size, img_size)),
+        "latency_batch": latency_batch,
+    }
+
+
+def format_description(name: str, d: dict[str, Any]) -> str:
+    return (
+        f"{name}: top-1 {d['acc1']:.2f}%, top-5 {d['acc5']:.2f}%, {d['macs'] / 1e6:.2f} MMACs, "
+        f"{d['params'] / 1e6:.3f} M params, {d['latency_ms']:.2f} ms per batch of {d['latency_batch']} (CPU, median)"
+    )

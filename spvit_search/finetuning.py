@@ -1,0 +1,270 @@
+"""Fine-tune an exported subnet with knowledge distillation from the dense model (or another teacher).
+
+A run directory holds `config.json`, `metrics.jsonl`, `checkpoint.safetensors` (resume state), `best/` and
+`last/` (subnet directories: `load_subnet` or `spvit eval --subnet` read them), and at the end `arch.json`
+and `summary.json`.
+
+The teacher is, by default, the dense model the subnet was searched from: `spvit export` records it
+(timm name, weights file and model arguments) in the subnet's `config.json` under `source`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.classification import evaluate_classifier
+from finetune.distillation import DistillationLoss
+from finetune.distributed import DistributedContext, init_distributed, shutdown
+from finetune.engine import Engine, EngineConfig
+from finetune.optim import weight_decay_groups
+from finetune.schedule import warmup_cosine
+from lookup_tables.counting import count_macs
+from supernets import build_supernet
+from supernets.io import atomic_write_text
+from supernets.registry import create_source_model
+from supernets.subnet import VisionTransformerSubnet
+
+from .data import build_dataset, build_loader, num_classes_of
+from .export import export_subnet, load_subnet, read_subnet_source, save_subnet
+from .runs import CONFIG, RunConfig, check_run_directory
+
+INITS = ("subnet", "dense")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Every setting of a fine-tuning run; stored as the run's `config.json`."""
+
+    subnet: str  # the subnet directory to fine-tune (`spvit export --out`)
+    data: str = "digits"
+    out: str = "runs/finetune"
+    init: str = "subnet"  # subnet: the weights in `subnet` (the search's); dense: the dense source model's
+    # teacher: default the subnet's dense source model; or a timm/supernet name (+ weights), or a subnet dir
+    teacher_model: str | None = None
+    teacher_checkpoint: str | None = None
+    teacher_pretrained: bool = False
+    distillation: str = "soft"
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 5.0
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    bf16: bool = False
+    # data and run
+    data_root: str | None = None
+    download: bool = False
+    augment: bool = True
+    num_workers: int = 0
+    seed: int = 0
+    checkpoint_every: int = 0  # optimizer steps; every epoch end writes one too
+    progress: bool = True
+
+
+class DistillationTask:
+    """The student's loss against the labels and the teacher's logits; saves best/last as subnet dirs."""
+
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        loss: DistillationLoss,
+        val_loader: DataLoader,
+        out_dir: Path,
+        source: dict[str, Any] | None,
+    ) -> None:
+        self.teacher = teacher
+        self.loss = loss
+        self.val_loader = val_loader
+        self.out_dir = out_dir
+        self.source = source
+
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        images, targets = batch
+        logits = model(images)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        loss, parts = self.loss(logits, targets, teacher_logits)
+        return loss, {**parts, "acc1": 100 * (logits.argmax(1) == targets).float().mean().item()}
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return evaluate_classifier(model, self.val_loader)
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        return False
+
+    def save_model(self, model: nn.Module, name: str) -> None:
+        save_subnet(model, self.out_dir / name, source=self.source)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def run_finetune(config: FinetuneConfig, resume: bool = False) -> dict[str, Any] | None:
+    """Fine-tune `config.subnet`; returns the run's summary (also `summary.json`) on the main process, None on
+    the other DDP ranks."""
+    out_dir = Path(config.out)
+    _check_config(config)
+    check_run_directory(out_dir, config, resume)
+    context = init_distributed(torch.device("cpu"))
+    try:
+        return _finetune(config, out_dir, resume, context)
+    finally:
+        shutdown(context)
+
+
+def _finetune(
+    config: FinetuneConfig, out_dir: Path, resume: bool, context: DistributedContext
+) -> dict[str, Any] | None:
+    torch.manual_seed(config.seed)
+    student = load_subnet(config.subnet)
+    source = read_subnet_source(config.subnet)
+    arch = student.arch
+    if config.init == "dense":
+        student = _subnet_from_dense(student, source, config.subnet)
+    train_set = build_dataset(config.data, "train", arch.img_size, config.download, config.data_root, config.augment)
+    val_set = build_dataset(config.data, "val", arch.img_size, config.download, config.data_root, augment=False)
+    if num_classes_of(train_set) != arch.num_classes:
+        raise ValueError(
+            f"the subnet has {arch.num_classes} classes but the dataset '{config.data}' {num_classes_of(train_set)}"
+        )
+    teacher = build_teacher(config, student, source) if config.distillation != "none" else None
+    val_loader = build_loader(val_set, config.batch_size, train=False, num_workers=config.num_workers)
+    teacher_metrics = evaluate_classifier(teacher, val_loader) if teacher is not None else None
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
+        arch.save(out_dir / "arch.json")
+
+    torch.manual_seed(config.seed + context.rank)  # dropout and augmentation differ per rank
+    train_loader = build_loader(
+        train_set, config.batch_size, train=True, num_workers=config.num_workers, seed=config.seed,
+        distributed=context.enabled,
+    )  # fmt: skip
+    student.train()
+    optimizer = torch.optim.AdamW(weight_decay_groups(student, config.weight_decay), lr=config.lr)
+    steps = config.epochs * len(train_loader)
+    scheduler = warmup_cosine(optimizer, steps, config.warmup_epochs * len(train_loader))
+    loss = DistillationLoss(
+        config.distillation, config.distillation_alpha, config.distillation_tau, config.label_smoothing
+    )
+    task = DistillationTask(teacher, loss, val_loader, out_dir, source)
+    engine = Engine(
+        student, task, {"weights": optimizer}, {"weights": scheduler}, train_loader,
+        EngineConfig(
+            out_dir, config.epochs, config.grad_clip, config.checkpoint_every, progress=config.progress,
+            bf16=config.bf16, ema_decay=config.model_ema_decay if config.model_ema else None, best_metric="acc1",
+        ),
+        context,
+    )  # fmt: skip
+    if resume:
+        engine.resume()
+    metrics = engine.fit()
+    if not context.is_main:
+        return None
+    summary = _summary(engine, metrics, teacher_metrics, config, source)
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def build_teacher(config: FinetuneConfig, student: VisionTransformerSubnet, source: dict[str, Any] | None) -> nn.Module:
+    """The teacher in eval mode with gradients off: `--teacher-model` (a model name or a subnet directory),
+    else the dense model the subnet came from."""
+    arch = student.arch
+    name = config.teacher_model
+    if name is not None and Path(name).is_dir():
+        teacher = load_subnet(name)
+    elif name is not None:
+        teacher = create_source_model(
+            name, config.teacher_pretrained, config.teacher_checkpoint, arch.img_size, arch.num_classes
+        )
+    else:
+        kwargs = _dense_source(source, config.subnet, "distil from it")
+        teacher = create_source_model(**kwargs)
+    classes = teacher.num_classes if hasattr(teacher, "num_classes") else None
+    if classes is not None and classes != arch.num_classes:
+        raise ValueError(f"the teacher has {classes} classes, the subnet {arch.num_classes}")
+    return teacher.eval().requires_grad_(False)
+
+
+def _dense_source(source: dict[str, Any] | None, subnet_dir: str, purpose: str) -> dict[str, Any]:
+    """`create_source_model` arguments of the dense model a subnet was exported from."""
+    if source is None:
+        raise ValueError(
+            f"{subnet_dir} does not record the dense model it came from (it was not written by `spvit export`); "
+            f"pass --teacher-model to {purpose}"
+        )
+    return {
+        "name": source["model"],
+        "pretrained": source["pretrained"],
+        "checkpoint_path": source["checkpoint"],
+        "img_size": source["img_size"],
+        "num_classes": source["num_classes"],
+        **source["model_kwargs"],
+    }
+
+
+def _subnet_from_dense(student: VisionTransformerSubnet, source: dict[str, Any] | None, subnet_dir: str) -> nn.Module:
+    """The subnet's architecture exported from a supernet converted from the dense source weights."""
+    kwargs = _dense_source(source, subnet_dir, "start from dense weights (or use --init subnet)")
+    net = build_supernet(kwargs.pop("name"), **kwargs)
+    return export_subnet(net, student.arch, fold_bn=student.bn_folded)
+
+
+def _summary(
+    engine: Engine,
+    metrics: dict[str, float],
+    teacher_metrics: dict[str, float] | None,
+    config: FinetuneConfig,
+    source: dict[str, Any] | None,
+) -> dict[str, Any]:
+    model = engine.eval_model
+    arch = model.arch
+    image = torch.zeros(1, 3, arch.img_size, arch.img_size)
+    dense = create_source_model(**_dense_source(source, config.subnet, "")) if source else None
+    return {
+        "kind": "finetune",
+        "model": arch.model,
+        "macs": count_macs(model.eval(), image),
+        "params": sum(p.numel() for p in model.parameters()),
+        "dense_macs": count_macs(dense.eval(), image) if dense is not None else None,
+        "dense_params": sum(p.numel() for p in dense.parameters()) if dense is not None else None,
+        "val_acc1": metrics["acc1"],
+        "val_acc5": metrics["acc5"],
+        "best_val_acc1": engine.best,
+        "teacher_val_acc1": teacher_metrics["acc1"] if teacher_metrics else None,
+        "dense_val_acc1": teacher_metrics["acc1"] if teacher_metrics and config.teacher_model is None else None,
+        "distillation": config.distillation,
+        "epochs": engine.epoch,
+        "steps": engine.step,
+    }
+
+
+def _check_config(config: FinetuneConfig) -> None:
+    if config.init not in INITS:
+        raise ValueError(f"--init '{config.init}' is not one of {', '.join(INITS)}")
+    if config.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {config.epochs}")
+    DistillationLoss(config.distillation, config.distillation_alpha, config.distillation_tau)  # checks the values
+    if config.teacher_checkpoint is not None and config.teacher_model is None:
+        raise ValueError("--teacher-checkpoint needs --teacher-model, the timm name its weights are for")
