@@ -41,14 +41,14 @@ class DemoConfig:
     data: str = "digits"
     model: str = "test_vit"  # timm's tiny ViT: dim 64, depth 6, 2 heads
     img_size: int = 32
-    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"patch_size": 8})  # a 4x4 token grid
-    dense_epochs: int = 30
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"patch_size": 4})  # an 8x8 token grid
+    dense_epochs: int = 40
     dense_lr: float = 3e-3
     target: str = "0.5x"
-    search_epochs: int = 15
+    search_epochs: int = 10
     search_lr: float = 5e-4
     gate_lr: float = 0.05
-    finetune_epochs: int = 20
+    finetune_epochs: int = 15
     finetune_lr: float = 5e-4
     seed: int = 0
     progress: bool = True
