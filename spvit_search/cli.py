@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.engine import NonFiniteLossError, TrainingInterrupted
+from supernets.architecture import MIXERS
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -120,6 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--gate-temperature", type=float, default=1.0, help="binary-concrete temperature")
     optim.add_argument("--head-mix-temperature", type=float, default=0.01, help="softmax temperature of z")
     optim.add_argument("--sync-gates", action="store_true", help="DDP: the same gate draws on every rank")
+    study = search.add_argument_group("optuna strategy (--strategy optuna)")
+    study.add_argument(
+        "--strategy", choices=("gradient", "optuna"), default="gradient",
+        help="gradient: train the gates (default); optuna: sample discrete choices, score them with shared weights",
+    )  # fmt: skip
+    study.add_argument("--trials", type=int, default=30, help="finished trials of the whole study")
+    study.add_argument(
+        "--objective", choices=("accuracy", "pareto"), default="accuracy",
+        help="accuracy: best top-1 under the budget; pareto: top-1 vs MACs (multi-objective)",
+    )  # fmt: skip
+    study.add_argument("--sampler", choices=("tpe", "random", "nsga2"), default="tpe")
+    study.add_argument("--storage", default=None, help="journal file or sqlite:/// URL (default OUT/study.journal)")
+    study.add_argument("--study-name", default="spvit", help="the study's name in --storage")
+    study.add_argument("--supernet", default=None, help="a search run's supernet.safetensors to score with")
+    study.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="mixers a block may take")
+    study.add_argument(
+        "--mlp-ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75, 1.0], help="shares of MLP units a block keeps"
+    )
+    study.add_argument("--bn-recalibration", type=int, default=0, help="train batches to re-estimate BN statistics")
+    study.add_argument("--eval-batches", type=int, default=0, help="val batches per candidate (0: all)")
     add_run_arguments(search)
 
     export = sub.add_parser(
@@ -230,6 +251,9 @@ def run_lut(args: argparse.Namespace) -> None:
 
 
 def run_search_command(args: argparse.Namespace) -> None:
+    if args.strategy == "optuna":
+        run_optuna_command(args)
+        return
     from .search import SearchConfig, run_search
 
     config = SearchConfig(
@@ -254,6 +278,31 @@ def run_search_command(args: argparse.Namespace) -> None:
         f"{summary['params'] / 1e6:.3f} M params, val top-1 {summary['val_acc1']:.2f}%"
     )
     print(f"mixers {summary['mixers']}, MLP units kept {summary['mlp_kept']:.1%}; wrote {args.out}/arch.json")
+
+
+def run_optuna_command(args: argparse.Namespace) -> None:
+    from .optuna_search import OptunaConfig, run_optuna
+
+    if args.resume:
+        raise ValueError("--strategy optuna continues a study by running the same command again, without --resume")
+    config = OptunaConfig(
+        model=args.model, data=args.data, out=args.out, target=args.target, checkpoint=args.checkpoint,
+        pretrained=args.pretrained, supernet=args.supernet, img_size=args.img_size, num_classes=args.num_classes,
+        model_kwargs=parse_model_kwargs(args.model_kwargs), convention=args.convention, lut=args.lut,
+        trials=args.trials, objective=args.objective, sampler=args.sampler, storage=args.storage,
+        study_name=args.study_name, mixers=args.mixers, mlp_ratios=args.mlp_ratios,
+        bn_recalibration=args.bn_recalibration, eval_batches=args.eval_batches, batch_size=args.batch_size,
+        data_root=args.data_root, download=args.download, num_workers=args.workers, seed=args.seed,
+        progress=args.progress,
+    )  # fmt: skip
+    summary = run_optuna(config)
+    counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items() if n)
+    print(
+        f"optuna study of {summary['model']}: {counts}; best trial {summary['best_trial']}: "
+        f"{summary['macs'] / 1e9:.4f} GMACs ({summary['macs'] / summary['dense_macs']:.3f}x of dense, target "
+        f"{summary['target_macs'] / 1e9:.4f}), val top-1 {summary['val_acc1']:.2f}% with shared weights"
+    )
+    print(f"wrote {args.out}/trials.csv, pareto.json and arch.json")
 
 
 def run_export(args: argparse.Namespace) -> None:

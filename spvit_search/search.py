@@ -186,11 +186,10 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
 
 def _search(config: SearchConfig, out_dir: Path, resume: bool, context: DistributedContext) -> dict[str, Any] | None:
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    train_set = build_dataset(
-        config.data, "train", _img_size(config), config.download, config.data_root, config.augment
-    )
-    val_set = build_dataset(config.data, "val", _img_size(config), config.download, config.data_root, augment=False)
-    num_classes = _num_classes(config, num_classes_of(train_set))
+    img_size = img_size_of(config.model, config.img_size)
+    train_set = build_dataset(config.data, "train", img_size, config.download, config.data_root, config.augment)
+    val_set = build_dataset(config.data, "val", img_size, config.download, config.data_root, augment=False)
+    num_classes = check_num_classes(config.num_classes, num_classes_of(train_set))
     net = build_supernet(
         config.model,
         pretrained=config.pretrained,
@@ -200,7 +199,7 @@ def _search(config: SearchConfig, out_dir: Path, resume: bool, context: Distribu
         gates=GateConfig(config.gate_init, config.gate_temperature, config.head_mix_temperature),
         **config.model_kwargs,
     )
-    lut = _lookup_table(net, config)
+    lut = lookup_table(net, config.convention, config.lut)
     target = parse_budget(config.target, lut.dense_flops())
     check_budget(target, lut.range(), config.target)
     if context.is_main:
@@ -281,24 +280,27 @@ def _finish(
     return summary
 
 
-def _img_size(config: SearchConfig) -> int:
-    if config.img_size is not None:
-        return config.img_size
+def img_size_of(model: str, img_size: int | None) -> int:
+    """`img_size`, or the model's default input size."""
+    if img_size is not None:
+        return img_size
     from timm.models import get_pretrained_cfg_value
 
-    size = get_pretrained_cfg_value(config.model, "input_size")
+    size = get_pretrained_cfg_value(model, "input_size")
     return size[-1] if size else 224
 
 
-def _num_classes(config: SearchConfig, dataset_classes: int) -> int:
-    if config.num_classes is not None and config.num_classes != dataset_classes:
-        raise ValueError(f"--num-classes {config.num_classes} does not match the dataset's {dataset_classes} classes")
+def check_num_classes(num_classes: int | None, dataset_classes: int) -> int:
+    """The dataset's class count, which `--num-classes`, when given, must equal."""
+    if num_classes is not None and num_classes != dataset_classes:
+        raise ValueError(f"--num-classes {num_classes} does not match the dataset's {dataset_classes} classes")
     return dataset_classes
 
 
-def _lookup_table(net: VisionTransformerSupernet, config: SearchConfig) -> LookupTable:
-    if config.lut is None:
-        return build_lookup_table(net, config.convention)
-    lut = LookupTable.load(config.lut)
+def lookup_table(net: VisionTransformerSupernet, convention: str, path: str | None) -> LookupTable:
+    """The table saved at `path` (checked against `net`), or one built now."""
+    if path is None:
+        return build_lookup_table(net, convention)
+    lut = LookupTable.load(path)
     lut.check_supernet(net)
     return lut

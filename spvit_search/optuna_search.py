@@ -1,0 +1,367 @@
+"""`spvit search --strategy optuna`: search the discrete dimensions with Optuna under the FLOPs budget.
+
+The weight-sharing supernet is a free evaluator: a candidate's score is the validation top-1 of the
+supernet with the candidate fixed (optionally after re-estimating BN statistics), no training. The
+lookup-table MACs are an Optuna constraint (`trial.set_constraint`) checked before any evaluation: an
+over-budget candidate is pruned at once and costs nothing.
+
+The study lives in a storage (a JournalStorage file by default, `OUT/study.journal`, or an SQLite URL)
+that several processes, or machines sharing it, can work on at once; `--trials` is the study's total of
+finished (complete or pruned) trials, so a killed study continues where it stopped: rerun the command.
+A run directory holds `config.json`, `lut.csv`, `supernet.safetensors` (so `spvit export --run` works),
+`trials.csv`, `pareto.json`, the best `arch.json` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.checkpoint import save_checkpoint
+from finetune.classification import evaluate_classifier
+from lookup_tables import LookupTable
+from supernets import MIXERS, Architecture, VisionTransformerSupernet, build_supernet
+from supernets.io import atomic_write_text
+
+from .complexity import check_budget, parse_budget
+from .data import build_dataset, build_loader, num_classes_of
+from .discrete_spaces import DEFAULT_MLP_RATIOS, BlockwiseSpace, DiscreteSpace
+from .export import load_search_supernet
+from .runs import CONFIG, RunConfig
+from .search import SUPERNET, check_num_classes, img_size_of, lookup_table
+
+OBJECTIVES = ("accuracy", "pareto")
+SAMPLERS = ("tpe", "random", "nsga2")
+JOURNAL = "study.journal"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class OptunaConfig(RunConfig):
+    """Every setting of an Optuna study run; stored as the run's `config.json`."""
+
+    model: str
+    data: str = "digits"
+    out: str = "runs/optuna"
+    target: str = "0.6x"
+    checkpoint: str | None = None  # timm-format weights of the dense model
+    pretrained: bool = False
+    supernet: str | None = None  # a gradient search's supernet.safetensors: its weights, and its gates rank units
+    img_size: int | None = None
+    num_classes: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    convention: str = "fvcore"
+    lut: str | None = None
+    trials: int = 30  # finished trials of the whole study, all processes together
+    objective: str = "accuracy"  # accuracy: best top-1 under the budget; pareto: top-1 vs MACs
+    sampler: str = "tpe"
+    storage: str | None = None  # a journal file or an sqlite:/// URL; default OUT/study.journal
+    study_name: str = "spvit"
+    mixers: list[str] = field(default_factory=lambda: list(MIXERS))
+    mlp_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_MLP_RATIOS))
+    bn_recalibration: int = 0  # train batches that re-estimate BN statistics before each evaluation
+    eval_batches: int = 0  # validation batches per evaluation; 0: the whole split
+    batch_size: int = 128
+    data_root: str | None = None
+    download: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    progress: bool = True
+
+
+class SharedWeightEvaluator:
+    """Validation top-1 of the supernet with an architecture fixed; the supernet's state is left as found."""
+
+    def __init__(
+        self, net: VisionTransformerSupernet, val_loader: DataLoader, train_loader: DataLoader, config: OptunaConfig
+    ) -> None:
+        self.net = net
+        self.val_loader = val_loader
+        self.train_loader = train_loader
+        self.config = config
+        self.batch_norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @torch.no_grad()
+    def __call__(self, arch: Architecture) -> float:
+        saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in self.batch_norms]
+        self.net.eval()
+        self.net.fix_architecture(arch)
+        try:
+            if self.config.bn_recalibration:
+                self._recalibrate()
+            return evaluate_classifier(self.net, self._val_batches())["acc1"]
+        finally:
+            self.net.release_architecture()
+            for bn, state in zip(self.batch_norms, saved, strict=True):
+                bn.load_state_dict(state)
+
+    def _recalibrate(self) -> None:
+        """Re-estimate every BN's statistics as a plain average over a few train batches of this candidate."""
+        for bn in self.batch_norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average
+            bn.train()
+        for i, (images, _) in enumerate(self.train_loader):
+            if i == self.config.bn_recalibration:
+                break
+            self.net(images)
+        for bn in self.batch_norms:
+            bn.momentum = 0.1
+            bn.eval()
+
+    def _val_batches(self) -> list:
+        if not self.config.eval_batches:
+            return self.val_loader
+        return [batch for _, batch in zip(range(self.config.eval_batches), self.val_loader, strict=False)]
+
+
+def run_optuna(config: OptunaConfig) -> dict[str, Any]:
+    """Run (or continue, or join) the study until it has `config.trials` finished trials; returns the summary."""
+    _check_config(config)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the run's own files and summary say what happened
+    out = Path(config.out)
+    img_size = img_size_of(config.model, config.img_size)
+    train_set = build_dataset(config.data, "train", img_size, config.download, config.data_root, augment=False)
+    val_set = build_dataset(config.data, "val", img_size, config.download, config.data_root, augment=False)
+    net = _supernet(config, num_classes_of(train_set))
+    lut = lookup_table(net, config.convention, config.lut)
+    target = parse_budget(config.target, lut.dense_flops())
+    check_budget(target, lut.range(), config.target)
+    _prepare_run_directory(out, config, net, lut)
+    space = BlockwiseSpace(net, config.mixers, config.mlp_ratios)
+    evaluator = SharedWeightEvaluator(
+        net,
+        build_loader(val_set, config.batch_size, train=False, num_workers=config.num_workers),
+        build_loader(train_set, config.batch_size, train=True, num_workers=config.num_workers, seed=config.seed),
+        config,
+    )
+    study, storage = _study(config, out)
+    _fail_orphaned_trials(study, storage)
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if finished < config.trials:
+        study.optimize(
+            _objective(space, lut, target, evaluator, study, config),
+            callbacks=[MaxTrialsCallback(config.trials, states=FINISHED)],
+            show_progress_bar=False,
+        )
+    return write_outputs(study, space, lut, target, net, out)
+
+
+def _objective(
+    space: DiscreteSpace,
+    lut: LookupTable,
+    target: int,
+    evaluator: SharedWeightEvaluator,
+    study: optuna.Study,
+    config: OptunaConfig,
+):
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    multi = config.objective == "pareto"
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        trial.set_user_attr("worker", worker)
+        arch = space.suggest(trial)
+        macs = lut.flops(arch)
+        trial.set_user_attr("macs", macs)
+        trial.set_user_attr("params", lut.params(arch))
+        trial.set_constraint("macs", (macs - target) / target)  # feasible when <= 0
+        if macs > target:
+            raise optuna.TrialPruned(f"{macs} MACs is over the budget of {target}")
+        accuracy = _known_accuracy(study, trial.params)
+        if accuracy is None:
+            accuracy = evaluator(arch)
+        return (accuracy, float(macs)) if multi else accuracy
+
+    return objective
+
+
+def _known_accuracy(study: optuna.Study, params: dict[str, Any]) -> float | None:
+    """The score of an earlier complete trial with the same parameters: the same candidate is never evaluated
+    twice (concurrent workers and the sampler's repeats)."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.params == params:
+            return trial.values[0]
+    return None
+
+
+def _study(config: OptunaConfig, out: Path) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+    storage = _storage(config.storage or str(out / JOURNAL))
+    directions = ["maximize", "minimize"] if config.objective == "pareto" else ["maximize"]
+    existing = optuna.create_study(
+        storage=storage, study_name=config.study_name, directions=directions, load_if_exists=True
+    )
+    if len(existing.directions) != len(directions):
+        raise ValueError(f"study '{config.study_name}' in {config.storage or out / JOURNAL} has another --objective")
+    # A process that joins or continues a study draws other candidates than the ones before it: the sampler's
+    # seed counts the trials the study already has.
+    seed = config.seed + len(existing.get_trials(deepcopy=False))
+    sampler = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+    }[config.sampler]()
+    return optuna.load_study(study_name=config.study_name, storage=storage, sampler=sampler), storage
+
+
+def _storage(spec: str) -> optuna.storages.BaseStorage:
+    if "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    path = Path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backend = optuna.storages.journal.JournalFileBackend(
+        str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path))
+    )
+    return optuna.storages.JournalStorage(backend)
+
+
+def _fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Mark FAIL the running trials of workers on this machine that no longer exist (a killed study)."""
+    host = socket.gethostname()
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_exists(int(pid)):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_outputs(
+    study: optuna.Study,
+    space: DiscreteSpace,
+    lut: LookupTable,
+    target: int,
+    net: VisionTransformerSupernet,
+    out: Path,
+) -> dict[str, Any]:
+    """`trials.csv`, `pareto.json`, the best `arch.json` and `summary.json` of the study as it stands."""
+    trials = study.get_trials(deepcopy=False)
+    frame = trials_frame(trials, target)
+    atomic_write_text(out / "trials.csv", frame.to_csv(index=False))
+    feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["macs"] <= target]
+    if not feasible:
+        raise ValueError(f"no trial of study '{study.study_name}' met the budget; run more trials")
+    front = pareto_front(feasible)
+    atomic_write_text(out / "pareto.json", json.dumps(front, indent=2) + "\n")
+    best = max(feasible, key=lambda t: (t.values[0], -t.user_attrs["macs"], -t.number))
+    arch = space.architecture(best.params)
+    arch.save(out / "arch.json")
+    summary = {
+        "kind": "optuna",
+        "model": net.name,
+        "target_macs": target,
+        "macs": lut.flops(arch),
+        "dense_macs": lut.dense_flops(),
+        "params": lut.params(arch),
+        "dense_params": lut.params(net.dense_architecture()),
+        "val_acc1": best.values[0],
+        "best_trial": best.number,
+        "trials": {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState},
+        "mixers": {m: arch.mixers.count(m) for m in MIXERS},
+        "mlp_kept": sum(len(b.mlp_kept) for b in arch.blocks) / sum(net.mlp_hidden),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def trials_frame(trials: list[optuna.trial.FrozenTrial], target: int) -> pd.DataFrame:
+    """One row per trial: number, state, accuracy, MACs, params, feasibility, worker and parameters."""
+    rows = []
+    for t in trials:
+        macs = t.user_attrs.get("macs")
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.values[0] if t.values else None,
+                "macs": macs,
+                "params": t.user_attrs.get("params"),
+                "feasible": None if macs is None else macs <= target,
+                "worker": t.user_attrs.get("worker"),
+                "duration_s": t.duration.total_seconds() if t.duration else None,
+                **{f"params_{k}": v for k, v in t.params.items()},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
+    """The trials no other trial beats in both accuracy (higher) and MACs (lower), by increasing MACs."""
+    points = sorted(trials, key=lambda t: (t.user_attrs["macs"], -t.values[0], t.number))
+    front, best_accuracy = [], float("-inf")
+    for t in points:
+        if t.values[0] > best_accuracy:
+            front.append(
+                {
+                    "number": t.number,
+                    "acc1": t.values[0],
+                    "macs": t.user_attrs["macs"],
+                    "params": t.user_attrs["params"],
+                }
+            )
+            best_accuracy = t.values[0]
+    return front
+
+
+def _supernet(config: OptunaConfig, dataset_classes: int) -> VisionTransformerSupernet:
+    num_classes = check_num_classes(config.num_classes, dataset_classes)
+    if config.supernet is None:
+        return build_supernet(
+            config.model, pretrained=config.pretrained, checkpoint_path=config.checkpoint, img_size=config.img_size,
+            num_classes=num_classes, **config.model_kwargs,
+        )  # fmt: skip
+    if config.checkpoint or config.pretrained:
+        raise ValueError("--supernet already holds the weights; leave out --checkpoint and --pretrained")
+    net = load_search_supernet(config.supernet)
+    if net.name != config.model or net.num_classes != num_classes:
+        raise ValueError(
+            f"--supernet {config.supernet} is a '{net.name}' supernet with {net.num_classes} classes, not "
+            f"'{config.model}' with {num_classes}"
+        )
+    return net
+
+
+def _check_config(config: OptunaConfig) -> None:
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"--objective '{config.objective}' is not one of {', '.join(OBJECTIVES)}")
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler '{config.sampler}' is not one of {', '.join(SAMPLERS)}")
+    if config.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {config.trials}")
+
+
+def _prepare_run_directory(out: Path, config: OptunaConfig, net: VisionTransformerSupernet, lut: LookupTable) -> None:
+    """Write the run's config, lookup table and supernet; a directory of the same study is joined, one with
+    other settings refused."""
+    saved = out / CONFIG
+    if saved.exists():
+        previous = OptunaConfig.from_dict(json.loads(saved.read_text()))
+        changed = [k for k, v in asdict(config).items() if k != "progress" and asdict(previous)[k] != v]
+        if changed:
+            raise ValueError(f"{out} holds a study with other settings: {', '.join(changed)} differ")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, json.dumps(asdict(config), indent=2) + "\n")
+    lut.save(out / "lut.csv")
+    save_checkpoint(out / SUPERNET, net.state_dict(), {"config": net.config()})

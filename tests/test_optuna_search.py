@@ -1,0 +1,136 @@
+"""`spvit search --strategy optuna`: budget as a constraint, concurrent workers, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from lookup_tables import LookupTable
+from spvit_search.cli import main
+from spvit_search.discrete_spaces import BlockwiseSpace
+from spvit_search.export import load_search_supernet
+from spvit_search.optuna_search import JOURNAL
+from supernets import Architecture
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
+
+
+def optuna_args(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return ["search", "--strategy", "optuna", *TINY, "--checkpoint", str(checkpoint), "--out", str(out), *extra]
+
+
+def load_study(out: Path) -> optuna.Study:
+    backend = optuna.storages.journal.JournalFileBackend(str(out / JOURNAL))
+    return optuna.load_study(study_name="spvit", storage=optuna.storages.JournalStorage(backend))
+
+
+def test_every_completed_trial_is_within_budget_and_the_best_exports(dense_checkpoint, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "30", "--eval-batches", "2")) == 0
+    assert "best trial" in capsys.readouterr().out
+    lut = LookupTable.load(out / "lut.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    target = summary["target_macs"]
+    assert target == pytest.approx(0.6 * lut.dense_flops(), abs=1)
+    study = load_study(out)
+    trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(trials) == 30
+    space = BlockwiseSpace(load_search_supernet(out / "supernet.safetensors"))
+    for t in trials:  # the recorded MACs are the lookup table's; only feasible candidates were evaluated
+        macs = lut.flops(space.architecture(t.params))
+        assert t.user_attrs["macs"] == macs
+        assert (t.state == TrialState.COMPLETE) == (macs <= target)
+        assert t.constraints == {"macs": pytest.approx((macs - target) / target)}
+    frame = pd.read_csv(out / "trials.csv")
+    assert len(frame) == 30 and frame.loc[frame.state == "COMPLETE", "feasible"].all()
+
+    best = Architecture.load(out / "arch.json")
+    assert summary["val_acc1"] == max(t.value for t in trials if t.state == TrialState.COMPLETE)
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "subnet")]) == 0
+    assert lut.flops(Architecture.load(tmp_path / "subnet" / "arch.json")) == lut.flops(best) <= target
+
+
+def test_pareto_objective_writes_a_non_dominated_front(dense_checkpoint, tmp_path):
+    out = tmp_path / "pareto"
+    args = ["--target", "0.8x", "--trials", "12", "--objective", "pareto", "--sampler", "random", "--eval-batches", "1"]
+    assert main(optuna_args(dense_checkpoint, out, *args)) == 0
+    front = json.loads((out / "pareto.json").read_text())
+    complete = [t for t in load_study(out).get_trials(states=(TrialState.COMPLETE,))]
+    assert front and all(len(t.values) == 2 and t.values[1] == t.user_attrs["macs"] for t in complete)
+    for point in front:  # no complete trial is at least as good in both and better in one
+        assert not any(
+            t.values[0] >= point["acc1"] and t.values[1] <= point["macs"] and t.values != [point["acc1"], point["macs"]]
+            for t in complete
+        )
+    assert [p["macs"] for p in front] == sorted(p["macs"] for p in front)
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "spvit_search.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def test_two_processes_share_one_study_without_duplicates(dense_checkpoint, tmp_path):
+    out = tmp_path / "shared"
+    args = optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "16", "--eval-batches", "1")
+    workers = [_spawn(args) for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err.decode()[-2000:]
+    trials = load_study(out).get_trials()
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))  # every trial exactly once
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert 16 <= len(finished) <= 17  # each worker checks the total after its own trial
+    assert len(finished) == len(trials)  # none lost half-way
+    assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} == {str(w.pid) for w in workers}
+
+
+def test_a_killed_study_resumes_without_duplicates(dense_checkpoint, tmp_path):
+    out = tmp_path / "killed"
+    args = optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "24", "--eval-batches", "1")
+    process = _spawn(args)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if (out / JOURNAL).exists() and len(load_study(out).get_trials()) >= 6:
+            break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = load_study(out).get_trials()
+    assert len(before) < 24, "the study finished before it could be killed"
+
+    assert main(args) == 0
+    after = load_study(out).get_trials()
+    assert [t.number for t in after] == list(range(len(after)))
+    assert len(after) > len(before)
+    for old in before:  # earlier trials are kept as they were; one cut off by the kill is marked failed
+        new = after[old.number]
+        assert new.params == old.params
+        assert new.state == (TrialState.FAIL if old.state == TrialState.RUNNING else old.state)
+    assert len([t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 24
+
+
+def test_optuna_refusals(dense_checkpoint, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(optuna_args(dense_checkpoint, out, "--trials", "2", "--target", "0.9x", "--resume")) == 2
+    assert "without --resume" in capsys.readouterr().err
+    assert main(optuna_args(dense_checkpoint, out, "--trials", "2", "--target", "0.001x")) == 2
+    assert "outside the search space's range" in capsys.readouterr().err
+    assert main(optuna_args(dense_checkpoint, out, "--trials", "2", "--target", "0.9x")) == 0
+    capsys.readouterr()
+    assert main(optuna_args(dense_checkpoint, out, "--trials", "2", "--target", "0.8x")) == 2
+    assert "target differ" in capsys.readouterr().err
