@@ -64,7 +64,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     train = build_dataset(config.data, "train", config.img_size)
     val = build_dataset(config.data, "val", config.img_size, augment=False)
     classes = num_classes_of(train)
-    dense_weights = _dense_model(config, out / "dense", train, val, classes)
+    dense_weights = train_dense_model(config, out / "dense", train, val, classes)
     _step(2, "lookup table")
     net = build_supernet(
         config.model, checkpoint_path=dense_weights, img_size=config.img_size, num_classes=classes,
@@ -130,7 +130,7 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _dense_model(config: DemoConfig, directory: Path, train: Dataset, val: Dataset, classes: int) -> Path:
+def train_dense_model(config: DemoConfig, directory: Path, train: Dataset, val: Dataset, classes: int) -> Path:
     """The dense model's weights, trained on the first run and reused while its settings stay the same."""
     settings = {
         k: v for k, v in asdict(config).items() if k in ("data", "model", "img_size", "model_kwargs", "seed")

@@ -1,0 +1,233 @@
+"""Accuracy study: does the SPViT search beat simple baselines at the same MACs?
+
+What it compares. A small DeiT-like model (timm's `test_vit`: dim 64, depth 6, 2 heads; 32×32 images in
+4×4 patches, so 64 patch tokens) is trained inside the script on the data (digits by default). At each
+budget (0.5x and 0.7x of the dense MACs, `fvcore` convention) five candidates are built:
+
+- `dense`: the dense model itself (no budget);
+- `spvit`: `spvit search` at the budget (gates and weights trained together), then exported;
+- `magnitude`: every mixer msa, every block keeps the same share of MLP hidden units, the largest by
+  ‖fc1 row‖·‖fc2 column‖; the share is the largest that fits the budget;
+- `uniform`: the same shape, but every block keeps its *first* units (a width multiplier, no criterion);
+- `random`: every gate logit drawn from N(0, 1), then projected onto the budget (random mixers and
+  per-block widths, as close under the budget as the greedy projection gets).
+
+Every candidate is then fine-tuned the same way (`spvit finetune`: the same epochs, soft KD from the dense
+model, α 0.5, τ 1), over 3 seeds; the baselines start from the dense weights, `spvit` from its search's
+weights (the method's own output). Reported: mean ± std of the final val top-1 over the seeds (the last
+epoch, no selection on val) and the real MACs of each candidate (lookup table; the same as fvcore's count
+of the exported module).
+
+Run from the repository root: `.venv/bin/python benchmarks/accuracy_study.py [--data SPEC] [--update-results]`
+(about 20 minutes on 2 CPU cores with the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from results_md import machine_description, save_results
+from subnet_speed import random_gate_logits_
+
+from lookup_tables import LookupTable, build_lookup_table
+from spvit_search.data import build_dataset, num_classes_of
+from spvit_search.demo import DemoConfig, train_dense_model
+from spvit_search.discrete_spaces import unit_ranking
+from spvit_search.export import export_subnet, load_search_supernet, save_subnet
+from spvit_search.finetuning import FinetuneConfig, run_finetune
+from spvit_search.projection import project_to_budget
+from spvit_search.search import SearchConfig, run_search
+from supernets import Architecture, BlockChoice, VisionTransformerSupernet, build_supernet
+
+BENCHMARKS = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_study.json"
+METHODS = ("dense", "spvit", "magnitude", "uniform", "random")
+
+
+def uniform_architecture(
+    net: VisionTransformerSupernet, lut: LookupTable, target: int, rankings: list[list[int]]
+) -> Architecture | None:
+    """All msa; every block keeps its first k units of `rankings`, the largest k that fits `target`; None when
+    even k = 0 does not fit (the attention alone costs more)."""
+
+    def arch(k: int) -> Architecture:
+        blocks = [BlockChoice("msa", tuple(sorted(r[:k]))) for r in rankings]
+        return Architecture(net.name, net.img_size, net.num_classes, tuple(blocks))
+
+    low, high = 0, min(len(r) for r in rankings)
+    if lut.flops(arch(0)) > target:
+        return None
+    while low < high:  # the largest k with flops(arch(k)) <= target
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if lut.flops(arch(middle)) <= target else (low, middle - 1)
+    return arch(low)
+
+
+def finetune(subnet_dir: Path, out: Path, data: str, epochs: int, seed: int) -> dict[str, Any]:
+    return run_finetune(
+        FinetuneConfig(subnet=str(subnet_dir), data=data, out=str(out), distillation="soft", epochs=epochs, seed=seed,
+                       progress=False)
+    )  # fmt: skip
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    demo = DemoConfig(out=str(out), data=args.data, dense_epochs=args.dense_epochs, progress=False)
+    train = build_dataset(args.data, "train", demo.img_size)
+    val = build_dataset(args.data, "val", demo.img_size, augment=False)
+    classes = num_classes_of(train)
+    dense_weights = train_dense_model(demo, out / "dense", train, val, classes)
+    source = {
+        "model": demo.model, "pretrained": False, "checkpoint": str(dense_weights.resolve()),
+        "img_size": demo.img_size, "num_classes": classes, "model_kwargs": demo.model_kwargs,
+    }  # fmt: skip
+    net = build_supernet(
+        demo.model, checkpoint_path=dense_weights, img_size=demo.img_size, num_classes=classes, **demo.model_kwargs
+    )
+    lut = build_lookup_table(net)
+    dense_state = {k: v.clone() for k, v in net.state_dict().items()}
+    dense_macs = lut.dense_flops()
+    magnitude = [unit_ranking(b.mlp) for b in net.blocks]
+    in_order = [list(range(h)) for h in net.mlp_hidden]
+    runs: list[dict[str, Any]] = []
+    infeasible: list[dict[str, Any]] = []  # baselines whose shape cannot meet a budget
+    no_mlp = [BlockChoice("msa", ()) for _ in net.blocks]
+    msa_floor = lut.flops(Architecture(net.name, net.img_size, net.num_classes, tuple(no_mlp)))
+
+    def record(method: str, budget: float | None, seed: int, arch: Architecture, source_net, name: str) -> None:
+        subnet_dir = out / "subnets" / name
+        save_subnet(export_subnet(source_net, arch), subnet_dir, source=source)
+        started = time.perf_counter()
+        summary = finetune(subnet_dir, out / "finetune" / name, args.data, args.finetune_epochs, seed)
+        runs.append(
+            {
+                "method": method, "budget": budget, "seed": seed, "macs": lut.flops(arch), "params": lut.params(arch),
+                "acc1": summary["val_acc1"], "mixers": list(arch.mixers),
+                "mlp_widths": [len(b.mlp_kept) for b in arch.blocks], "finetune_s": time.perf_counter() - started,
+            }
+        )  # fmt: skip
+        print(f"{name}: {lut.flops(arch) / dense_macs:.3f}x, top-1 {summary['val_acc1']:.2f}%", flush=True)
+
+    for seed in args.seeds:
+        record("dense", None, seed, net.dense_architecture(), net, f"dense_s{seed}")
+    for budget in args.budgets:
+        target = int(budget * dense_macs)
+        shapes = {
+            "magnitude": uniform_architecture(net, lut, target, magnitude),
+            "uniform": uniform_architecture(net, lut, target, in_order),
+        }
+        for method in [m for m, arch in shapes.items() if arch is None]:
+            infeasible.append({"method": method, "budget": budget, "floor_x_dense": msa_floor / dense_macs})
+        shapes = {m: arch for m, arch in shapes.items() if arch is not None}
+        for seed in args.seeds:
+            search_dir = out / "search" / f"{budget}x_s{seed}"
+            run_search(
+                SearchConfig(
+                    model=demo.model, data=args.data, out=str(search_dir), target=f"{budget}x",
+                    checkpoint=str(dense_weights), img_size=demo.img_size, model_kwargs=demo.model_kwargs,
+                    epochs=args.search_epochs, lr=demo.search_lr, gate_lr=demo.gate_lr, seed=seed, progress=False,
+                )
+            )  # fmt: skip
+            searched = load_search_supernet(search_dir / "supernet.safetensors")
+            record(
+                "spvit", budget, seed, Architecture.load(search_dir / "arch.json"), searched, f"spvit_{budget}x_s{seed}"
+            )
+            for method, arch in shapes.items():
+                record(method, budget, seed, arch, net, f"{method}_{budget}x_s{seed}")
+            random_gate_logits_(net, seed)
+            record("random", budget, seed, project_to_budget(net, lut, target), net, f"random_{budget}x_s{seed}")
+            net.load_state_dict(dense_state)  # the gates back at their start, for the next candidates
+    return {"dense_macs": dense_macs, "runs": runs, "infeasible": infeasible}
+
+
+def aggregate(runs: list[dict[str, Any]], dense_macs: int) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (budget, method); MACs as a range when the seeds' architectures differ."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["budget"] or 1.0, METHODS.index(r["method"])), []).append(r)
+    rows = []
+    for _, group in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1])):
+        accs, macs = [r["acc1"] for r in group], [r["macs"] for r in group]
+        rows.append(
+            {
+                "budget": group[0]["budget"], "method": group[0]["method"], "seeds": len(group),
+                "acc1_mean": statistics.mean(accs), "acc1_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "macs_min": min(macs), "macs_max": max(macs), "x_dense_min": min(macs) / dense_macs,
+                "x_dense_max": max(macs) / dense_macs,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], infeasible: list[dict[str, Any]]) -> str:
+    lines = ["| budget | method | val top-1 mean ± std | MACs (M) | x dense |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        macs = _span(r["macs_min"] / 1e6, r["macs_max"] / 1e6, 2)
+        ratio = _span(r["x_dense_min"], r["x_dense_max"], 3)
+        budget = "dense" if r["budget"] is None else f"{r['budget']}x"
+        lines.append(f"| {budget} | {r['method']} | {r['acc1_mean']:.2f} ± {r['acc1_std']:.2f} | {macs} | {ratio} |")
+    for r in infeasible:
+        lines.append(
+            f"| {r['budget']}x | {r['method']} | infeasible: all-msa with no MLP unit is already "
+            f"{r['floor_x_dense']:.3f}x | | |"
+        )
+    return "\n".join(lines)
+
+
+def _span(low: float, high: float, digits: int) -> str:
+    """`low` or `low-high`, whichever the rounding tells apart."""
+    a, b = f"{low:.{digits}f}", f"{high:.{digits}f}"
+    return a if a == b else f"{a}-{b}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="digits", help="digits, torch/NAME or an image folder")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dense-epochs", type=int, default=40)
+    parser.add_argument("--search-epochs", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--out", default="runs/accuracy_study", help="run directories of every candidate")
+    parser.add_argument("--results", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--update-results", action="store_true", help="refresh the section in RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    study = run_study(args)
+    minutes = (time.perf_counter() - started) / 60
+    rows = aggregate(study["runs"], study["dense_macs"])
+    table = markdown_table(rows, study["infeasible"])
+    results = {
+        "benchmark": "accuracy_study",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(torch.device("cpu")),
+        "torch": torch.__version__,
+        "settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+        "minutes": minutes,
+        "dense_macs": study["dense_macs"],
+        "rows": rows,
+        "runs": study["runs"],
+        "infeasible": study["infeasible"],
+    }
+    body = (
+        f"Measured {results['date']} on {results['machine']}, torch {torch.__version__}, data `{args.data}`; "
+        f"{len(args.seeds)} seeds, dense {args.dense_epochs} epochs, search {args.search_epochs}, fine-tune "
+        f"{args.finetune_epochs} epochs with soft KD; {minutes:.1f} minutes in all.\n\n{table}"
+    )
+    save_results("accuracy_study", results, table, body, args.results, args.update_results)
+    print(json.dumps({"minutes": round(minutes, 1)}))
+
+
+if __name__ == "__main__":
+    main()
