@@ -201,8 +201,8 @@ class UnifiedAttention(nn.Module):
                     outputs[mixer] = self._attention(x, v if self.v.bias is None else v + self.v.bias)
                 else:
                     outputs[mixer] = self._search_conv(v, CONV_KERNEL_SIZE[mixer])  # patch tokens only
-        convs = coefficients["bconv1"] * outputs["bconv1"] + coefficients["bconv3"] * outputs["bconv3"]
-        return coefficients["msa"] * outputs["msa"] + self._with_prefix(convs)
+        k = torch.stack([coefficients["bconv1"], coefficients["bconv3"], coefficients["msa"]])
+        return _SinglePathSum.apply(k, outputs["bconv1"], outputs["bconv3"], outputs["msa"], self.num_prefix_tokens)
 
     def _search_conv(self, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
         """bconv_k update of the patch tokens (B, gh·gw, D) from the bias-free value projection v (B, N, A).
@@ -228,3 +228,34 @@ class UnifiedAttention(nn.Module):
         if bias is not None:
             y = y + bias.view(1, dh, 1, 1)
         return self._project_conv(y, self.bn1 if kernel_size == 1 else self.bn3, proj)
+
+
+class _SinglePathSum(torch.autograd.Function):
+    """Σ k_i·out_i over [bconv1, bconv3, msa] for coefficients k, each exactly 0 or 1 with at most one 1.
+
+    The value is the one chosen candidate's output (zeros for skip), with no multiply or add over the
+    activations; the backward gives each coefficient its straight-through gradient ⟨grad, out_i⟩ and the
+    chosen output the incoming gradient. The conv outputs cover the patch tokens only (prefix tokens: 0).
+    """
+
+    @staticmethod
+    def forward(ctx, k, conv1, conv3, msa, num_prefix_tokens):  # conv: (B, gh·gw, D), msa: (B, N, D)
+        ctx.save_for_backward(conv1, conv3, msa)
+        ctx.num_prefix_tokens = num_prefix_tokens
+        ctx.chosen = next((i for i, value in enumerate(k.tolist()) if value != 0), None)
+        if ctx.chosen == 2:
+            return msa.clone()
+        if ctx.chosen is None:
+            return torch.zeros_like(msa)
+        return F.pad((conv1, conv3)[ctx.chosen], (0, 0, num_prefix_tokens, 0))
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (B, N, D)
+        conv1, conv3, msa = ctx.saved_tensors
+        patches = grad[:, ctx.num_prefix_tokens :]
+        dots = [torch.vdot(patches.reshape(-1), c.reshape(-1)) for c in (conv1, conv3)]
+        grad_k = torch.stack([*dots, torch.vdot(grad.reshape(-1), msa.reshape(-1))])
+        grads = [None, None, None]
+        if ctx.chosen is not None:
+            grads[ctx.chosen] = grad if ctx.chosen == 2 else patches
+        return grad_k, *grads, None
