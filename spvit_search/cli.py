@@ -228,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="where the demo's run directories go")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    report = sub.add_parser(
+        "report",
+        help="tables and plots of runs: index.html (self-contained) and report.md",
+        description="Report on search, Optuna and fine-tune run directories (or directories of runs, such as a "
+        "demo's): per-block architecture and costs, gate trajectories, MACs vs target, training curves and, with "
+        "several runs, a comparison with the accuracy-vs-MACs Pareto front. Missing or damaged files are left "
+        "out with a warning.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories of runs")
+    report.add_argument("--out", required=True, help="the report directory (an earlier report there is replaced)")
     return parser
 
 
@@ -416,6 +427,15 @@ def run_demo_command(args: argparse.Namespace) -> None:
     run_demo(DemoConfig(out=args.out, progress=args.progress))
 
 
+def run_report(args: argparse.Namespace) -> None:
+    from reports import write_report
+
+    report = write_report(args.runs, args.out)
+    for warning in report.warnings:
+        print(f"spvit: warning: {warning}", file=sys.stderr)
+    print(f"report on {len(report.runs)} run(s): {report.out_dir / 'index.html'}, {report.out_dir / 'report.md'}")
+
+
 COMMANDS = {
     "lut": run_lut,
     "search": run_search_command,
@@ -423,6 +443,7 @@ COMMANDS = {
     "finetune": run_finetune_command,
     "eval": run_eval,
     "demo": run_demo_command,
+    "report": run_report,
 }
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from finetune.classification import train_classifier
 from lookup_tables import build_lookup_table
+from reports import write_report
 from supernets import MIXERS, Architecture, build_supernet
 from supernets.io import atomic_write_bytes, atomic_write_text, load_state_dict_file
 
@@ -105,7 +106,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     )  # fmt: skip
     print(f"   val top-1 {tuned['val_acc1']:.2f}% after {tuned['epochs']} epochs")
 
-    _step(6, "evaluate dense vs subnet")
+    _step(6, "evaluate dense vs subnet, and report")
     val_loader = build_loader(val, 256, train=False)
     dense_model = timm.create_model(config.model, img_size=config.img_size, num_classes=classes, **config.model_kwargs)
     dense_model.load_state_dict(load_state_dict_file(dense_weights))
@@ -115,6 +116,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     }
     print(comparison_table(results))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    report = write_report([out / "search", out / "finetune"], out / "report")
+    for warning in report.warnings:
+        print(f"   warning: {warning}")
+    print(f"   report: {report.out_dir / 'index.html'}")
     print(f"done in {time.perf_counter() - started:.0f} s; runs in {out}/")
     return results
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import TINY, randomize_
+from helpers import TINY, random_architecture, randomize_, write_image_folder
 from safetensors.torch import save_file
 
 from finetune.classification import train_classifier
+from spvit_search.cli import main
 from spvit_search.data import build_dataset, build_loader
-from supernets import VisionTransformerSupernet
+from spvit_search.export import export_subnet, save_subnet
+from supernets import VisionTransformerSupernet, build_supernet
 
 
 @pytest.fixture
@@ -39,3 +41,39 @@ def dense_checkpoint(tmp_path_factory) -> Path:
     train_classifier(model, train, val, out, epochs=2, lr=2e-3, progress=False)
     save_file(model.state_dict(), str(out / "model.safetensors"))
     return out / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A two-class image-folder dataset of 40 small PNGs: 32 train and 8 val images after the 80/20 hold-out, so a
+    run with --batch-size 4 takes 8 steps per epoch."""
+    return write_image_folder(tmp_path_factory.mktemp("images") / "data", {"a": 20, "bb": 20})
+
+
+@pytest.fixture(scope="session")
+def folder_subnet(tmp_path_factory) -> Path:
+    """A subnet directory of test_vit (img 32, patch 4) for `image_folder`'s 2 classes, random weights and
+    architecture, no recorded dense source: `spvit finetune --distillation none` trains it without a teacher."""
+    torch.manual_seed(0)
+    net = build_supernet("test_vit", img_size=32, num_classes=2, patch_size=4)
+    out = tmp_path_factory.mktemp("subnet") / "subnet"
+    save_subnet(export_subnet(net, random_architecture(num_classes=2, seed=3)), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def search_run(dense_checkpoint, tmp_path_factory) -> Path:
+    """`spvit search` of the dense checkpoint at 0.6x for two epochs."""
+    run = tmp_path_factory.mktemp("search") / "run"
+    args = ["search", "--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
+    args += ["--checkpoint", str(dense_checkpoint), "--out", str(run), "--target", "0.6x"]
+    assert main([*args, "--epochs", "2", "--gate-lr", "0.1"]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def subnet_dir(search_run) -> Path:
+    """`search_run`'s architecture, exported."""
+    out = search_run.parent / "subnet"
+    assert main(["export", "--run", str(search_run), "--out", str(out)]) == 0
+    return out

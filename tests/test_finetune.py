@@ -26,21 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def search_run(dense_checkpoint, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("search") / "run"
-    args = ["search", *TINY, "--checkpoint", str(dense_checkpoint), "--out", str(run), "--target", "0.6x"]
-    assert main([*args, "--epochs", "2", "--gate-lr", "0.1"]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
-def subnet_dir(search_run) -> Path:
-    out = search_run.parent / "subnet"
-    assert main(["export", "--run", str(search_run), "--out", str(out)]) == 0
-    return out
-
-
 def finetune_args(subnet: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", "--subnet", str(subnet), "--out", str(out), "--no-progress", *extra]
 

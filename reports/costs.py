@@ -1,0 +1,218 @@
+"""An architecture's MACs and parameters block by block, from a run's `lut.csv`, read without torch.
+
+The lookup table is additive: the fixed parts (stem, tokens, final norm, head), plus per block the chosen
+mixer's cost, the MLP's width-independent cost and a per-kept-unit cost times the kept width. Summing the
+per-block rows of `architecture_table` and its `fixed` row therefore gives exactly what
+`LookupTable.flops` and `LookupTable.params` price the architecture at.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .run_files import ArchSpec, warn
+
+LUT_FORMAT = "spvit-search lookup table"
+LUT_VERSION = 1
+LUT_COLUMNS = ("block", "item", "choice", "macs", "params", "units")
+# Mixers by cost, as `supernets.MIXERS` orders them (reports may not import supernets); the dense model's
+# blocks all use the last one.
+MIXER_ORDER = ("skip", "bconv1", "bconv3", "msa")
+DENSE_MIXER = "msa"
+_CONV_MIXER = re.compile(r"bconv(\d+)")
+
+
+def kernel_size(mixer: str) -> int | None:
+    """The convolution kernel of a `bconv{k}` mixer; None for attention and skip."""
+    match = _CONV_MIXER.fullmatch(mixer)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class CostTable:
+    meta: dict[str, Any]  # model, img_size, num_classes, model_kwargs, convention
+    fixed: pd.DataFrame  # one row per fixed part, indexed by its name: macs, params
+    mixers: pd.DataFrame  # indexed by (block, mixer): macs, params
+    mlp: pd.DataFrame  # indexed by block: fixed_macs, fixed_params, unit_macs, unit_params, hidden
+
+    @property
+    def depth(self) -> int:
+        return len(self.mlp)
+
+    def check(self, arch: ArchSpec) -> None:
+        """Raise `ValueError` naming the field if `arch` is not in this table's search space."""
+        for field in ("model", "img_size", "num_classes"):
+            if getattr(arch, field) != self.meta.get(field):
+                raise ValueError(
+                    f"the architecture has {field}={getattr(arch, field)!r}, the table {self.meta.get(field)!r}"
+                )
+        if arch.depth != self.depth:
+            raise ValueError(f"the architecture has {arch.depth} blocks, the table {self.depth}")
+        for block, (mixer, kept) in enumerate(zip(arch.mixers, arch.mlp_kept, strict=True)):
+            if (block, mixer) not in self.mixers.index:
+                raise ValueError(f"blocks[{block}].mixer: the table has no cost for '{mixer}'")
+            hidden = self.mlp.hidden[block]
+            if kept and (min(kept) < 0 or max(kept) >= hidden or len(set(kept)) != len(kept)):
+                raise ValueError(f"blocks[{block}].mlp_kept: indices must be distinct and in [0, {hidden})")
+
+    def dense_macs(self) -> int:
+        return int(block_costs_dense(self)["macs"].sum()) + int(self.fixed.macs.sum())
+
+
+def parse_cost_table(text: str) -> CostTable:
+    """The table `LookupTable.save` writes: a `#` line of JSON metadata, then a CSV of LUT_COLUMNS."""
+    first, _, body = text.partition("\n")
+    try:
+        meta = json.loads(first.removeprefix("#").strip())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"its first line is not the JSON header ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != LUT_FORMAT:
+        raise ValueError(f"its header does not name the format '{LUT_FORMAT}'")
+    if meta.get("version") != LUT_VERSION:
+        raise ValueError(f"format version {meta.get('version')!r} is not {LUT_VERSION}")
+    # keep_default_na: the `choice` of MLP rows is an empty string, not a missing value.
+    frame = pd.read_csv(io.StringIO(body), keep_default_na=False)
+    missing = [c for c in LUT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)}")
+    for column in ("block", "macs", "params", "units"):
+        frame[column] = pd.to_numeric(frame[column], errors="raise").astype("int64")
+    frame["item"] = frame["item"].astype(str)
+    frame["choice"] = frame["choice"].astype(str)
+    blocks = frame[frame.block >= 0]
+    mixers = blocks[blocks.item == "mixer"].set_index(["block", "choice"])[["macs", "params"]].sort_index()
+    mixers.index.names = ["block", "mixer"]
+    mlp_fixed = blocks[blocks.item == "mlp_fixed"].set_index("block").sort_index()
+    mlp_unit = blocks[blocks.item == "mlp_unit"].set_index("block").sort_index()
+    depth = int(blocks.block.max()) + 1 if len(blocks) else 0
+    every_block = list(range(depth))
+    if depth == 0 or list(mlp_fixed.index) != every_block or list(mlp_unit.index) != every_block:
+        raise ValueError("every block needs exactly one mlp_fixed and one mlp_unit row")
+    if any((block, DENSE_MIXER) not in mixers.index for block in every_block):
+        raise ValueError(f"every block needs a '{DENSE_MIXER}' mixer row")
+    mlp = pd.DataFrame(
+        {
+            "fixed_macs": mlp_fixed.macs,
+            "fixed_params": mlp_fixed.params,
+            "unit_macs": mlp_unit.macs,
+            "unit_params": mlp_unit.params,
+            "hidden": mlp_unit.units,
+        }
+    )
+    fixed = frame[frame.block == -1].set_index("choice")[["macs", "params"]]
+    return CostTable(meta, fixed, mixers, mlp)
+
+
+def read_cost_table(path: Path, warnings: list[str]) -> CostTable | None:
+    try:
+        return parse_cost_table(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # pandas' parser errors are ValueErrors
+        warn(warnings, f"{path} is not a valid lookup table ({e}); per-block MACs and params are not shown")
+        return None
+
+
+def block_costs_dense(table: CostTable) -> pd.DataFrame:
+    """Per block, the dense model's MACs and params (msa, every hidden unit kept)."""
+    dense = table.mixers.xs(DENSE_MIXER, level="mixer")
+    mlp = table.mlp
+    return pd.DataFrame(
+        {
+            "mixer_macs": dense.macs,
+            "mlp_macs": mlp.fixed_macs + mlp.unit_macs * mlp.hidden,
+            "mixer_params": dense.params,
+            "mlp_params": mlp.fixed_params + mlp.unit_params * mlp.hidden,
+        }
+    ).assign(macs=lambda f: f.mixer_macs + f.mlp_macs, params=lambda f: f.mixer_params + f.mlp_params)
+
+
+def block_costs(arch: ArchSpec, table: CostTable) -> pd.DataFrame:
+    """Per block: the choice, and the MACs and params of mixer and MLP, dense (`dense_*`) and as chosen.
+
+    Raises `ValueError` if `arch` does not fit the table.
+    """
+    table.check(arch)
+    dense = block_costs_dense(table)
+    chosen = table.mixers.loc[list(enumerate(arch.mixers))].reset_index(drop=True)
+    kept = pd.Series([len(k) for k in arch.mlp_kept], dtype="int64")
+    mlp = table.mlp.reset_index(drop=True)
+    costs = pd.DataFrame(
+        {
+            "mixer": list(arch.mixers),
+            "kernel": pd.array([kernel_size(m) for m in arch.mixers], dtype="Int64"),
+            "mlp_kept": kept,
+            "mlp_total": mlp.hidden,
+            "mlp_ratio": kept / mlp.hidden,
+            "mixer_macs": chosen.macs,
+            "mlp_macs": mlp.fixed_macs + mlp.unit_macs * kept,
+            "mixer_params": chosen.params,
+            "mlp_params": mlp.fixed_params + mlp.unit_params * kept,
+        }
+    )
+    for column in ("mixer_macs", "mlp_macs", "mixer_params", "mlp_params"):
+        costs[f"dense_{column}"] = dense[column].to_numpy()
+    costs.index.name = "block"
+    return costs
+
+
+ARCHITECTURE_COLUMNS = [
+    "mixer",
+    "kernel",
+    "mlp_kept",
+    "mlp_total",
+    "mlp_ratio",
+    "dense_macs",
+    "macs",
+    "dense_params",
+    "params",
+]
+
+
+def architecture_table(arch: ArchSpec, table: CostTable | None) -> pd.DataFrame:
+    """One row per block (index "0", "1", ...), then "fixed" (stem, tokens, norm, head) and "total".
+
+    Columns: mixer, kernel, MLP units kept / total and their ratio, and MACs and params dense and pruned.
+    Without a table (or one `arch` does not fit) only the choices are known: mixer, kernel, mlp_kept.
+    """
+    if table is None:
+        blocks = pd.DataFrame(
+            {
+                "mixer": list(arch.mixers),
+                "kernel": pd.array([kernel_size(m) for m in arch.mixers], dtype="Int64"),
+                "mlp_kept": pd.array([len(k) for k in arch.mlp_kept], dtype="Int64"),
+            }
+        )
+        total = pd.DataFrame({"mlp_kept": pd.array([blocks.mlp_kept.sum()], dtype="Int64")}, index=["total"])
+        return _with_string_index(blocks, total)
+    costs = block_costs(arch, table)
+    blocks = costs[["mixer", "kernel", "mlp_kept", "mlp_total", "mlp_ratio"]].assign(
+        dense_macs=costs.dense_mixer_macs + costs.dense_mlp_macs,
+        macs=costs.mixer_macs + costs.mlp_macs,
+        dense_params=costs.dense_mixer_params + costs.dense_mlp_params,
+        params=costs.mixer_params + costs.mlp_params,
+    )
+    fixed_macs, fixed_params = int(table.fixed.macs.sum()), int(table.fixed.params.sum())
+    fixed = pd.DataFrame(
+        {"dense_macs": fixed_macs, "macs": fixed_macs, "dense_params": fixed_params, "params": fixed_params},
+        index=["fixed"],
+    )
+    counts = ["mlp_kept", "mlp_total", "dense_macs", "macs", "dense_params", "params"]
+    sums = blocks[counts].sum() + fixed.reindex(columns=counts, fill_value=0).iloc[0]
+    total = sums.to_frame("total").T.assign(mlp_ratio=sums.mlp_kept / sums.mlp_total)
+    return _with_string_index(blocks, fixed, total)[ARCHITECTURE_COLUMNS]
+
+
+def _with_string_index(blocks: pd.DataFrame, *extra_rows: pd.DataFrame) -> pd.DataFrame:
+    blocks = blocks.set_axis([str(i) for i in range(len(blocks))])
+    table = pd.concat([blocks, *extra_rows])
+    for column in table.columns:
+        if column not in ("mixer", "mlp_ratio"):
+            table[column] = table[column].astype("Int64")  # counts stay exact integers next to the missing cells
+    table.index.name = "block"
+    return table
