@@ -27,16 +27,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from results_md import machine_description, save_results
 from subnet_speed import random_gate_logits_
 
 from lookup_tables import LookupTable, build_lookup_table
+from reports.plots import mean_accuracy_vs_macs, png_bytes
 from spvit_search.data import build_dataset, num_classes_of
 from spvit_search.demo import DemoConfig, train_dense_model
 from spvit_search.discrete_spaces import unit_ranking
@@ -45,6 +48,7 @@ from spvit_search.finetuning import FinetuneConfig, run_finetune
 from spvit_search.projection import project_to_budget
 from spvit_search.search import SearchConfig, run_search
 from supernets import Architecture, BlockChoice, VisionTransformerSupernet, build_supernet
+from supernets.io import atomic_write_bytes
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_study.json"
@@ -79,6 +83,8 @@ def finetune(subnet_dir: Path, out: Path, data: str, epochs: int, seed: int) -> 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
+    for stale in ("search", "subnets", "finetune"):  # every candidate is rebuilt; dense/ is the cache
+        shutil.rmtree(out / stale, ignore_errors=True)
     demo = DemoConfig(out=str(out), data=args.data, dense_epochs=args.dense_epochs, progress=False)
     train = build_dataset(args.data, "train", demo.img_size)
     val = build_dataset(args.data, "val", demo.img_size, augment=False)
@@ -220,10 +226,14 @@ def main(argv: list[str] | None = None) -> None:
         "runs": study["runs"],
         "infeasible": study["infeasible"],
     }
+    plot = args.results.with_suffix(".png")
+    points = pd.DataFrame(rows).assign(x_dense=lambda f: (f.x_dense_min + f.x_dense_max) / 2)
+    atomic_write_bytes(plot, png_bytes(mean_accuracy_vs_macs(points)))
     body = (
         f"Measured {results['date']} on {results['machine']}, torch {torch.__version__}, data `{args.data}`; "
         f"{len(args.seeds)} seeds, dense {args.dense_epochs} epochs, search {args.search_epochs}, fine-tune "
-        f"{args.finetune_epochs} epochs with soft KD; {minutes:.1f} minutes in all.\n\n{table}"
+        f"{args.finetune_epochs} epochs with soft KD; {minutes:.1f} minutes in all.\n\n{table}\n\n"
+        f"![mean top-1 vs MACs per method](results/{plot.name})"
     )
     save_results("accuracy_study", results, table, body, args.results, args.update_results)
     print(json.dumps({"minutes": round(minutes, 1)}))

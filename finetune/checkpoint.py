@@ -77,10 +77,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         header_len = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
         document = json.loads(metadata[STATE_KEY])
-    except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {path} is truncated, corrupt or not an spvit checkpoint ({e})") from None
+        state = unflatten_state(document, tensors)
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {path} is truncated, corrupt or not an spvit checkpoint ({e!r:.200})") from None
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    return model_state, unflatten_state(document, tensors)
+    return model_state, state
 
 
 def rng_state() -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from supernets.io import atomic_write_text
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistributedContext
@@ -94,14 +97,24 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a crash
                 continue
-            if record.get("step", 0) <= step:
+            if isinstance(record, dict) and record.get("step", 0) <= step:
                 kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))  # a kill here must not lose the log
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        line = memoryview((json.dumps(record) + "\n").encode())
+        with self.path.open("ab", buffering=0) as f:  # unbuffered: nothing is left to flush after a failure
+            size = os.fstat(f.fileno()).st_size
+            try:
+                while line:
+                    line = line[f.write(line) :]
+            except OSError as e:  # e.g. a full disk: take back the part of the line that was written
+                f.truncate(size)
+                if e.filename is None:
+                    e.filename = str(self.path)
+                raise
 
 
 class Engine:
@@ -160,24 +173,39 @@ class Engine:
         }
         save_checkpoint(self.checkpoint_path, self.model.state_dict(), state)
 
-    def resume(self) -> None:
-        """Restore everything from the run directory's checkpoint."""
+    def resume(self, finished_ok: bool = False) -> None:
+        """Restore everything from the run directory's checkpoint.
+
+        The checkpoint of a finished training is refused unless `finished_ok`: then `fit` trains no more and
+        only evaluates, so that a caller killed after training can still write its final outputs.
+        """
         model_state, state = load_checkpoint(self.checkpoint_path)
-        if state["finished"]:
-            raise ValueError(f"{self.config.out_dir} holds a finished run; there is nothing to resume")
-        self.model.load_state_dict(model_state)
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        for name, scheduler in self.schedulers.items():
-            scheduler.load_state_dict(state["schedulers"][name])
-        self.task.load_state_dict(state["task"])
-        if self.ema:
-            if state["ema"] is None:
-                raise ValueError(f"{self.checkpoint_path} was trained without EMA; resume without --model-ema")
-            self.ema.load_state_dict(state["ema"])
-        self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
-        self.best = state["best"]
-        self._pending_rng = state["rng"]  # applied once the resumed epoch's batches are laid out
+        if not isinstance(state, dict) or state.get("finished") and not finished_ok:
+            if isinstance(state, dict):
+                raise ValueError(f"{self.config.out_dir} holds a finished run; there is nothing to resume")
+            raise ValueError(f"{self.checkpoint_path} is not a training checkpoint")
+        if self.ema and state.get("ema", 0) is None:
+            raise ValueError(f"{self.checkpoint_path} was trained without EMA; resume without --model-ema")
+        try:
+            self.model.load_state_dict(model_state)
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(state["optimizers"][name])
+            for name, scheduler in self.schedulers.items():
+                scheduler.load_state_dict(state["schedulers"][name])
+            self.task.load_state_dict(state["task"])
+            if self.ema:
+                self.ema.load_state_dict(state["ema"])
+            self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
+            self.best, self.finished = state["best"], bool(state["finished"])
+            self._pending_rng = state["rng"]  # applied once the resumed epoch's batches are laid out
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, ValueError) as e:
+            # e.g. a checkpoint copied over from a run of another model: load_state_dict lists the keys
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+            detail = detail if len(detail) <= 200 else detail[:200] + " ..."
+            raise ValueError(
+                f"{self.checkpoint_path} does not fit this run (another model or other settings?): "
+                f"{type(e).__name__}: {detail}"
+            ) from None
         self.log.truncate_after(self.step)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -185,6 +213,8 @@ class Engine:
     def fit(self) -> dict[str, float]:
         """Train until the last epoch or until the task stops early; returns the last validation metrics."""
         metrics: dict[str, float] = {}
+        if self.finished:  # resumed after training ended: the last model is final, evaluate it once more
+            return self._evaluate_only()
         with self._signals_save_and_stop():
             while self.epoch < self.config.epochs:
                 self._train_epoch()
@@ -201,6 +231,14 @@ class Engine:
     def eval_model(self) -> nn.Module:
         """The model that is evaluated and saved: the EMA when there is one."""
         return self.ema.module if self.ema else self.model
+
+    def _evaluate_only(self) -> dict[str, float]:
+        """The evaluated model's validation metrics, nothing logged or saved."""
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.eval_model)
+        self.model.train()
+        return metrics
 
     def _evaluate(self) -> dict[str, float]:
         """Validation metrics of the evaluated model (the raw model's too, as `raw_*`, under EMA); saves the

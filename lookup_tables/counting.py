@@ -61,7 +61,10 @@ def count_macs_by_child(module: nn.Module, *inputs: torch.Tensor, convention: st
 
 def fixed_parameter_counts(net: nn.Module) -> dict[str, int]:
     """Parameters outside the blocks, per top-level child; `tokens` holds the net's own (class token,
-    position embeddings). Gate logits are search-only and not counted."""
+    position embeddings). Gate logits are search-only and not counted. A supernet that also slims what lies
+    outside its blocks (T2T-ViT) counts the parts its fixed architecture's width uses itself."""
+    if hasattr(net, "fixed_parameter_counts"):
+        return net.fixed_parameter_counts()
     counts = {
         name: sum(p.numel() for p in child.parameters()) for name, child in net.named_children() if name != "blocks"
     }

@@ -11,11 +11,17 @@ from typing import Any
 
 from torch import nn
 
+from supernets import VisionTransformerSupernet
+
 from .counting import fixed_rows
 
 
 def spvit_rows(net: nn.Module) -> list[dict[str, Any]]:
     """Lookup-table rows in the `spvit` convention (parameters are counted from the real modules)."""
+    if not isinstance(net, VisionTransformerSupernet):  # e.g. CaiT: talking heads and class attention are not in it
+        raise ValueError(
+            f"the spvit convention is the SPViT paper's formula for DeiT/ViT; price '{net.name}' with fvcore or core"
+        )
     n = net.grid_size[0] * net.grid_size[1]
     t = n + net.num_prefix_tokens
     dim, patch = net.embed_dim, net.patch_embed.patch_size[0]

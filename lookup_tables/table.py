@@ -2,10 +2,16 @@
 
 Costs are additive: a subnet costs the fixed part (stem, tokens, final norm, head) plus, per block,
 its mixer's cost, the MLP branch's width-independent cost and a per-kept-unit cost times its width.
+
+A supernet with depth and width choices (T2T-ViT) is priced at each embedding width it offers: the `width`
+column names the width of a row (0 in a table of one width, and in tables written before the column was),
+and a subnet of depth d costs the fixed part plus its first d blocks at its width. The header then records
+the supernet's `discrete_choices` (depths, widths, head counts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -20,7 +26,9 @@ import torch
 from torch import nn
 
 from supernets import MIXERS, Architecture, BlockChoice
+from supernets.architecture import check_type
 from supernets.io import atomic_write_text
+from supernets.vit import input_channels
 
 from .counting import count_macs, count_macs_by_child, fixed_rows
 from .spvit_formula import spvit_rows
@@ -30,26 +38,43 @@ FORMAT = "spvit-search lookup table"
 FORMAT_VERSION = 1
 COLUMNS = ["block", "item", "choice", "macs", "params", "units"]
 _META_FIELDS = ("model", "img_size", "num_classes", "model_kwargs", "convention")
+_META_TYPES = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "convention": str}
+CHOICES = "discrete_choices"  # the optional header field of a supernet with depth and width choices
+WIDTH = "width"  # the optional column: the embedding width a row prices (0: the supernet's only one)
 
 
 class LookupTable:
-    """One row per block and choice (`item` mixer / mlp_fixed / mlp_unit) plus the fixed costs.
+    """One row per block and choice (`item` mixer / mlp_fixed / mlp_unit) plus the fixed costs, per width.
 
     `units` is the MLP hidden size on `mlp_unit` rows; block -1 holds the fixed costs, one row per part.
+    The arrays below (what the gates' search prices) are those of the full width; a narrower width's are a
+    table of their own.
     """
 
     def __init__(self, meta: dict[str, Any], frame: pd.DataFrame) -> None:
-        self.meta = {k: meta[k] for k in _META_FIELDS}
+        self.meta = {k: meta[k] for k in (*_META_FIELDS, CHOICES) if k in meta}
         if self.meta["convention"] not in CONVENTIONS:
             raise ValueError(f"convention '{self.meta['convention']}': expected one of {', '.join(CONVENTIONS)}")
-        self._frame = frame[COLUMNS].astype(
-            {"block": int, "item": str, "choice": str, "macs": np.int64, "params": np.int64, "units": np.int64}
+        if WIDTH not in frame.columns:
+            frame = frame.assign(**{WIDTH: 0})
+        self._frame = frame[[*COLUMNS, WIDTH]].astype(
+            {
+                "block": int,
+                "item": str,
+                "choice": str,
+                "macs": np.int64,
+                "params": np.int64,
+                "units": np.int64,
+                WIDTH: np.int64,
+            }
         )
         self._frame = self._frame.reset_index(drop=True)
-        fixed = self._frame[self._frame.block == -1]
+        widths = sorted(set(self._frame[WIDTH].tolist()))
+        self._rows = self._frame[self._frame[WIDTH] == widths[-1]]  # the full width
+        fixed = self._rows[self._rows.block == -1]
         self.fixed_macs = int(fixed.macs.sum())
         self.fixed_params = int(fixed.params.sum())
-        blocks = self._frame[self._frame.block >= 0]
+        blocks = self._rows[self._rows.block >= 0]
         self.depth = int(blocks.block.max()) + 1
         mixers = blocks[blocks.item == "mixer"].pivot(index="block", columns="choice")
         self.mixer_macs = mixers.macs[list(MIXERS)].to_numpy(np.int64)  # (depth, 4), MIXERS order
@@ -61,6 +86,8 @@ class LookupTable:
         self.mlp_unit_macs = mlp_unit.macs.to_numpy(np.int64)
         self.mlp_unit_params = mlp_unit.params.to_numpy(np.int64)
         self.mlp_hidden = mlp_unit.units.to_numpy(np.int64)
+        narrower = {w: LookupTable(self.meta, self._frame[self._frame[WIDTH] == w]) for w in widths[:-1]}
+        self._by_width = narrower | {widths[-1]: self}
 
     @property
     def model(self) -> str:
@@ -85,7 +112,10 @@ class LookupTable:
             img_size=self.meta["img_size"],
             num_classes=self.meta["num_classes"],
             mlp_hidden=self.mlp_hidden.tolist(),
+            choices=self.meta.get(CHOICES),
         )
+        if (arch.embed_dim or 0) not in self._by_width:
+            raise ValueError(f"embed_dim: the lookup table prices widths {', '.join(map(str, self._by_width))} only")
 
     def check_supernet(self, net: nn.Module) -> None:
         """Raise a `ValueError` if this table was not built for `net`'s model, size and settings."""
@@ -102,23 +132,31 @@ class LookupTable:
     def flops(self, arch: Architecture) -> int:
         """MACs of `arch` in this table's convention."""
         self.check(arch)
-        mixers, widths = self._choices(arch)
-        per_block = self.mixer_macs[np.arange(self.depth), mixers] + self.mlp_fixed_macs + self.mlp_unit_macs * widths
-        return self.fixed_macs + int(per_block.sum())
+        table, mixers, units = self._choices(arch)
+        d = arch.depth
+        per_block = table.mixer_macs[np.arange(d), mixers] + table.mlp_fixed_macs[:d] + table.mlp_unit_macs[:d] * units
+        return table.fixed_macs + int(per_block.sum())
 
     def params(self, arch: Architecture) -> int:
         """Parameters `arch` needs as searched (a conv keeps v, proj, z and its BN; gates are not counted)."""
         self.check(arch)
-        mixers, widths = self._choices(arch)
+        table, mixers, units = self._choices(arch)
+        d = arch.depth
         per_block = (
-            self.mixer_params[np.arange(self.depth), mixers] + self.mlp_fixed_params + self.mlp_unit_params * widths
+            table.mixer_params[np.arange(d), mixers] + table.mlp_fixed_params[:d] + table.mlp_unit_params[:d] * units
         )
-        return self.fixed_params + int(per_block.sum())
+        return table.fixed_params + int(per_block.sum())
 
-    def range(self) -> tuple[int, int]:
-        """(min, max) MACs over the whole search space."""
+    def range(self, full_size: bool = False) -> tuple[int, int]:
+        """(min, max) MACs over the whole search space: every depth and width the supernet offers, every mixer
+        and MLP width. `full_size` keeps to its full depth and width, all that its gates choose between."""
+        depths = [self.depth] if full_size else self.meta.get(CHOICES, {}).get("depth", [self.depth])
+        tables = [self] if full_size else self._by_width.values()
+        # The cheapest subnet of depth d at a width: every mixer at its cheapest, every MLP empty.
+        low = min(
+            t.fixed_macs + int((t.mlp_fixed_macs + t.mixer_macs.min(axis=1))[:d].sum()) for t in tables for d in depths
+        )
         base = self.fixed_macs + int(self.mlp_fixed_macs.sum())
-        low = base + int(self.mixer_macs.min(axis=1).sum())
         high = base + int(self.mixer_macs.max(axis=1).sum() + (self.mlp_unit_macs * self.mlp_hidden).sum())
         return low, high
 
@@ -128,10 +166,11 @@ class LookupTable:
         per_block = self.mixer_macs[:, msa] + self.mlp_fixed_macs + self.mlp_unit_macs * self.mlp_hidden
         return self.fixed_macs + int(per_block.sum())
 
-    def _choices(self, arch: Architecture) -> tuple[np.ndarray, np.ndarray]:
+    def _choices(self, arch: Architecture) -> tuple[LookupTable, np.ndarray, np.ndarray]:
+        """The table of `arch`'s width, and per block its mixer's index and its number of kept hidden units."""
         mixers = np.array([MIXERS.index(b.mixer) for b in arch.blocks])
-        widths = np.array([len(b.mlp_kept) for b in arch.blocks], dtype=np.int64)
-        return mixers, widths
+        units = np.array([len(b.mlp_kept) for b in arch.blocks], dtype=np.int64)
+        return self._by_width[arch.embed_dim or 0], mixers, units
 
     def _describe(self) -> str:
         m = self.meta
@@ -144,8 +183,9 @@ class LookupTable:
         return self._frame.copy()
 
     def summary(self) -> pd.DataFrame:
-        """Per block: MACs (M) of every mixer and of the full-width MLP, the per-unit MACs and the width."""
-        blocks = self._frame[self._frame.block >= 0]
+        """Per block at the full embedding width: MACs (M) of every mixer and of the full-width MLP, the per-unit
+        MACs and the width."""
+        blocks = self._rows[self._rows.block >= 0]
         table = (blocks[blocks.item == "mixer"].pivot(index="block", columns="choice", values="macs") / 1e6).round(3)
         table = table[list(reversed(MIXERS))]
         table["mlp_full"] = ((self.mlp_fixed_macs + self.mlp_unit_macs * self.mlp_hidden) / 1e6).round(3)
@@ -163,20 +203,31 @@ class LookupTable:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"lookup table not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        first, _, body = text.partition("\n")
         try:
+            first, _, body = path.read_text(encoding="utf-8").partition("\n")
             meta = json.loads(first.removeprefix("#").strip())
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise ValueError("not a lookup table header")
             if meta.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {meta.get('version')} is not {FORMAT_VERSION}")
             frame = pd.read_csv(io.StringIO(body), keep_default_na=False)
+            for name, expected in _META_TYPES.items():
+                if name not in meta:
+                    raise ValueError(f"header: {name}: required field is missing")
+                check_type(f"header: {name}", meta[name], expected)
+            check_type(f"header: {CHOICES}", meta.get(CHOICES, {}), dict)
+            for name, values in meta.get(CHOICES, {}).items():
+                check_type(f"header: {CHOICES}.{name}", values, list)
             missing = sorted(set(COLUMNS) - set(frame.columns))
             if missing:
                 raise ValueError(f"missing columns {missing}")
-            return cls(meta, frame)
-        except (ValueError, KeyError, json.JSONDecodeError, pd.errors.ParserError) as e:
+            table = cls(meta, frame)
+            if (table._frame[["macs", "params", "units"]] < 0).any().any():
+                raise ValueError("costs must not be negative")
+            if not table.depth == len(table.mixer_macs) == len(table.mlp_fixed_macs) == len(table.mlp_hidden):
+                raise ValueError(f"every one of the {table.depth} blocks needs its mixer, mlp_fixed and mlp_unit rows")
+            return table
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError, pd.errors.ParserError) as e:
             raise ValueError(f"{path} is not a valid lookup table: {e}") from None
 
 
@@ -185,26 +236,35 @@ def build_lookup_table(net: nn.Module, convention: str = "fvcore") -> LookupTabl
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention '{convention}'; expected one of {', '.join(CONVENTIONS)}")
     meta = {k: v for k, v in net.config().items() if k in _META_FIELDS} | {"convention": convention}
-    rows = spvit_rows(net) if convention == "spvit" else _measured_rows(net, convention)
+    if hasattr(net, CHOICES):  # depth and width choices without gates (T2T-ViT)
+        meta[CHOICES] = net.discrete_choices()
+    widths = meta.get(CHOICES, {}).get("embed_dim", [0])
+    if convention == "spvit":
+        rows = spvit_rows(net)
+    else:
+        rows = [row | {WIDTH: w} for w in widths for row in _measured_rows(net, convention, w)]
     for row in rows:
         row.setdefault("units", 0)
-    return LookupTable(meta, pd.DataFrame(rows, columns=COLUMNS))
+        row.setdefault(WIDTH, 0)
+    return LookupTable(meta, pd.DataFrame(rows, columns=[*COLUMNS, WIDTH]))
 
 
-def _measured_rows(net: nn.Module, convention: str) -> list[dict[str, Any]]:
-    rows = []
-    block_inputs = _block_input_shapes(net)
-    with _fixed(net, _smallest_architecture(net)):
+def _measured_rows(net: nn.Module, convention: str, embed_dim: int) -> list[dict[str, Any]]:
+    """The rows of embedding width `embed_dim` (0: the supernet's only one), measured by fvcore."""
+    smallest = _smallest_architecture(net, embed_dim)
+    block_inputs = _block_input_shapes(net, smallest)
+    with _fixed(net, smallest):
         # Every mixer skipped and every MLP empty: what remains outside the blocks is the fixed cost.
         with torch.no_grad():
             by_child = count_macs_by_child(net, _image(net), convention=convention)
         empty_blocks = by_child.pop("blocks")
+        rows = fixed_rows(net, by_child)  # with `smallest` fixed: the parts outside the blocks at its width
         for i, (block, shape) in enumerate(zip(net.blocks, block_inputs, strict=True)):
             x = torch.zeros(shape)
             for mixer in MIXERS:
                 block.attn.fixed_mixer = mixer
                 macs = 0 if mixer == "skip" else _measure(_Branch(block, "mixer_branch"), x, convention)
-                params = sum(p.numel() for p in block.mixer_parameters(mixer))
+                params = sum(p.numel() for p in block.mixer_parameters(mixer, x.shape[-1]))
                 rows.append(dict(block=i, item="mixer", choice=mixer, macs=macs, params=params))
             hidden = block.mlp.hidden_features
             mlp_at = {}
@@ -214,13 +274,13 @@ def _measured_rows(net: nn.Module, convention: str) -> list[dict[str, Any]]:
             per_unit = mlp_at[1] - mlp_at[0]
             if mlp_at[hidden] != mlp_at[0] + hidden * per_unit:
                 raise RuntimeError(f"block {i}: MLP MACs are not linear in the kept width: {mlp_at}")
-            fixed_params, unit_params = block.mlp_parameter_counts()
+            fixed_params, unit_params = block.mlp_parameter_counts(x.shape[-1])
             rows.append(dict(block=i, item="mlp_fixed", choice="", macs=mlp_at[0], params=fixed_params))
             rows.append(dict(block=i, item="mlp_unit", choice="", macs=per_unit, params=unit_params, units=hidden))
             empty_blocks -= mlp_at[0]
     if empty_blocks != 0:
         raise RuntimeError(f"block costs are not additive: {empty_blocks} MACs of the empty blocks are unaccounted for")
-    return fixed_rows(net, by_child) + rows
+    return rows
 
 
 class _Branch(nn.Module):
@@ -241,16 +301,15 @@ def _measure(module: nn.Module, x: torch.Tensor, convention: str) -> int:
 
 
 def _image(net: nn.Module) -> torch.Tensor:
-    in_chans = net.patch_embed.proj.in_channels
-    return torch.zeros(1, in_chans, net.img_size, net.img_size)
+    return torch.zeros(1, input_channels(net), net.img_size, net.img_size)
 
 
-def _block_input_shapes(net: nn.Module) -> list[tuple[int, ...]]:
-    """The token tensor shape each block sees for one image, recorded from a real forward."""
+def _block_input_shapes(net: nn.Module, arch: Architecture) -> list[tuple[int, ...]]:
+    """The token tensor shape each block sees for one image with `arch` fixed, recorded from a real forward."""
     shapes: list[tuple[int, ...]] = []
     hooks = [b.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape))) for b in net.blocks]
     try:
-        with _fixed(net, _smallest_architecture(net)), torch.no_grad():
+        with _fixed(net, arch), torch.no_grad():
             net(_image(net))
     finally:
         for h in hooks:
@@ -258,9 +317,10 @@ def _block_input_shapes(net: nn.Module) -> list[tuple[int, ...]]:
     return shapes
 
 
-def _smallest_architecture(net: nn.Module) -> Architecture:
-    blocks = tuple(BlockChoice("skip", ()) for _ in net.blocks)
-    return Architecture(net.name, net.img_size, net.num_classes, blocks)
+def _smallest_architecture(net: nn.Module, embed_dim: int) -> Architecture:
+    """Every mixer skipped and every MLP empty, at full depth and embedding width `embed_dim` (0: the only one)."""
+    dense = net.dense_architecture(embed_dim) if embed_dim else net.dense_architecture()
+    return dataclasses.replace(dense, blocks=tuple(BlockChoice("skip", ()) for _ in dense.blocks))
 
 
 @contextmanager

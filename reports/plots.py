@@ -209,3 +209,24 @@ def optuna_trials(trials: pd.DataFrame, target_macs: float | None, dense_macs: f
     axes.set_title(f"Optuna trials ({len(trials)})")
     axes.legend(fontsize=7)
     return figure
+
+
+def mean_accuracy_vs_macs(points: pd.DataFrame) -> Figure | None:
+    """Mean top-1 with a ±1 std bar over seeds, per method, against MACs relative to dense.
+
+    `points`: method, x_dense, acc1_mean, acc1_std; one line per method through its budgets.
+    """
+    points = points.dropna(subset=["x_dense", "acc1_mean"])
+    if points.empty:
+        return None
+    figure, (axes,) = _figure(6.0, 3.6)
+    for i, (method, group) in enumerate(points.groupby("method", sort=False)):
+        group = group.sort_values("x_dense")
+        axes.errorbar(
+            group.x_dense, group.acc1_mean, yerr=group.acc1_std, marker="o", capsize=3, color=f"C{i}", label=method
+        )
+    axes.set_xlabel("x dense MACs")
+    axes.set_ylabel("val top-1 (%), mean ± std over seeds")
+    axes.set_title("accuracy vs MACs")
+    axes.legend(fontsize=7)
+    return figure

@@ -1,7 +1,8 @@
 """The `spvit` command line.
 
-Bad input ends in a one-line `spvit: error: ...` and exit code 2; a NaN/inf loss in exit code 1; SIGINT or
-SIGTERM (after a checkpoint is saved) in exit code 130. `--debug` shows the traceback.
+Bad input ends in a one-line `spvit: error: ...` and exit code 2; a NaN/inf loss in exit code 1; a read or write
+the system refused (disk full, permission denied) in exit code 74; SIGINT or SIGTERM (after a checkpoint is saved)
+in exit code 130. `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ from supernets.architecture import MIXERS
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR
 EXIT_INTERRUPTED = 130
+EXIT_CODES_HELP = f"""exit codes:
+  0    success
+  {EXIT_FAILED}    the run failed: the loss became NaN or infinite (the last checkpoint is intact)
+  {EXIT_BAD_INPUT}    bad input: arguments, names, sizes, budgets, files, datasets, --resume mismatches
+  {EXIT_IO_ERROR}   the system refused a read or write: disk full, permission denied, I/O error
+       (files are written atomically: every file holds its old or its new content, never a part)
+  {EXIT_INTERRUPTED}  SIGINT or SIGTERM: a checkpoint was saved; continue with --resume
+errors are one line, 'spvit: error: ...'; spvit --debug COMMAND ... shows the traceback"""
+# Path mistakes are the user's to fix (exit 2); any other OSError is the system's (exit 74).
+_BAD_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def parse_model_kwargs(items: list[str]) -> dict[str, Any]:
@@ -70,7 +82,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spvit", description="Prune vision transformers by architecture search.")
+    parser = argparse.ArgumentParser(
+        prog="spvit",
+        description="Prune vision transformers by architecture search.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -453,21 +470,30 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"spvit: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (ValueError, *_BAD_PATH_ERRORS) as e:
+        return _fail(args, EXIT_BAD_INPUT, f"spvit: error: {_one_line(e)}")
+    except OSError as e:  # disk full, permission denied, I/O error: atomic writes left no partial file
+        return _fail(args, EXIT_IO_ERROR, f"spvit: error: {_one_line(e)} (the system refused a read or write; "
+                     "files written before are intact)")  # fmt: skip
     except TrainingInterrupted as e:
-        print(f"spvit: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(args, EXIT_INTERRUPTED, f"spvit: {_one_line(e)}")
     except KeyboardInterrupt:
-        print("spvit: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(args, EXIT_INTERRUPTED, "spvit: interrupted")
     except NonFiniteLossError as e:
-        print(f"spvit: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(args, EXIT_FAILED, f"spvit: error: {_one_line(e)}")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+    """Print the one-line message (after the traceback with --debug) and return the exit code."""
+    if args.debug:
+        traceback.print_exc()
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

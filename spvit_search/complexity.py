@@ -13,7 +13,7 @@ import torch
 
 LOSS_FORMS = ("paper", "normalized", "auto")
 _UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMGT]?|x)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMGT]?|x)\s*$", re.IGNORECASE)
 
 
 def parse_budget(text: str, dense_macs: int) -> int:

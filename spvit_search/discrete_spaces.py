@@ -2,6 +2,7 @@
 
 A space turns an Optuna trial's suggestions into an `Architecture` (`suggest`) and rebuilds the same
 architecture from a finished trial's parameters (`architecture`), so a study stores only the parameters.
+`discrete_space` picks the space of a supernet's family.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import optuna
 import torch
 
-from supernets import MIXERS, Architecture, BlockChoice, VisionTransformerSupernet
+from supernets import MIXERS, Architecture, BlockChoice, Supernet, T2TViTSupernet
 
 DEFAULT_MLP_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
@@ -34,7 +35,7 @@ class BlockwiseSpace:
 
     def __init__(
         self,
-        net: VisionTransformerSupernet,
+        net: Supernet,
         mixers: Sequence[str] = MIXERS,
         mlp_ratios: Sequence[float] = DEFAULT_MLP_RATIOS,
     ) -> None:
@@ -49,19 +50,59 @@ class BlockwiseSpace:
         self.rankings = [unit_ranking(block.mlp) for block in net.blocks]
 
     def suggest(self, trial: optuna.Trial) -> Architecture:
-        params = {}
-        for i in range(self.net.depth):
-            params[f"mixer.{i}"] = trial.suggest_categorical(f"mixer.{i}", self.mixers)
-            params[f"mlp_ratio.{i}"] = trial.suggest_categorical(f"mlp_ratio.{i}", self.mlp_ratios)
-        return self.architecture(params)
+        return self.architecture(self._suggest_blocks(trial, self.net.depth))
 
     def architecture(self, params: dict[str, Any]) -> Architecture:
+        net = self.net
+        return Architecture(net.name, net.img_size, net.num_classes, self._blocks(params, net.depth))
+
+    def _suggest_blocks(self, trial: optuna.Trial, depth: int) -> dict[str, Any]:
+        """A mixer and an MLP ratio for each of the first `depth` blocks."""
+        params = {}
+        for i in range(depth):
+            params[f"mixer.{i}"] = trial.suggest_categorical(f"mixer.{i}", self.mixers)
+            params[f"mlp_ratio.{i}"] = trial.suggest_categorical(f"mlp_ratio.{i}", self.mlp_ratios)
+        return params
+
+    def _blocks(self, params: dict[str, Any], depth: int) -> tuple[BlockChoice, ...]:
         blocks = []
-        for i, ranking in enumerate(self.rankings):
+        for i, ranking in enumerate(self.rankings[:depth]):
             kept = ranking[: round(params[f"mlp_ratio.{i}"] * len(ranking))]
             blocks.append(BlockChoice(params[f"mixer.{i}"], tuple(sorted(kept))))
-        net = self.net
-        return Architecture(net.name, net.img_size, net.num_classes, tuple(blocks))
+        return tuple(blocks)
+
+
+class T2TSpace(BlockwiseSpace):
+    """`BlockwiseSpace` with T2T-ViT's depth and width: a trial first picks the depth and the number of heads
+    (the width is heads × the head width), then a mixer and an MLP ratio for each block the subnet runs."""
+
+    def __init__(
+        self,
+        net: T2TViTSupernet,
+        mixers: Sequence[str] = MIXERS,
+        mlp_ratios: Sequence[float] = DEFAULT_MLP_RATIOS,
+    ) -> None:
+        super().__init__(net, mixers, mlp_ratios)
+        self.choices = net.discrete_choices()
+
+    def suggest(self, trial: optuna.Trial) -> Architecture:
+        params = {name: trial.suggest_categorical(name, self.choices[name]) for name in ("depth", "num_heads")}
+        return self.architecture(params | self._suggest_blocks(trial, params["depth"]))
+
+    def architecture(self, params: dict[str, Any]) -> Architecture:
+        net, heads = self.net, params["num_heads"]
+        blocks = self._blocks(params, params["depth"])
+        return Architecture(
+            net.name, net.img_size, net.num_classes, blocks, embed_dim=heads * net.head_dim, num_heads=heads
+        )
+
+
+def discrete_space(
+    net: Supernet, mixers: Sequence[str] = MIXERS, mlp_ratios: Sequence[float] = DEFAULT_MLP_RATIOS
+) -> BlockwiseSpace:
+    """The Optuna space of `net`'s family: T2T-ViT's adds depth and width to the blockwise choices."""
+    space = T2TSpace if isinstance(net, T2TViTSupernet) else BlockwiseSpace
+    return space(net, mixers, mlp_ratios)
 
 
 @torch.no_grad()

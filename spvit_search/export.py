@@ -1,10 +1,15 @@
-"""Export: from a supernet and an `Architecture` to a plain `VisionTransformerSubnet`, saved and loaded as data.
+"""Export: from a supernet and an `Architecture` to a plain subnet (`VisionTransformerSubnet`, `CaitSubnet`,
+`T2TViTSubnet`), saved and loaded as data.
 
 `export_subnet` folds the chosen candidates into ordinary layers: msa blocks get qkv rejoined from qk and
 v; bconv blocks get the conv weight, its bias and the projection mixed from v, proj and z
 (`UnifiedAttention.conv_parameters`); MLPs keep only their kept units' rows of fc1 and columns of fc2.
+CaiT's layer scales fold into the linear layer that ends their branch (proj, fc2). A T2T-ViT subnet keeps
+the first `arch.depth` blocks and, of every tensor, the first `arch.embed_dim` channels and `arch.num_heads`
+heads (`UnifiedAttention.weights`, `T2TViTSupernet.stem_and_head_state`).
 A subnet directory holds `arch.json`, `config.json` and `model.safetensors`; `load_subnet` rebuilds
-the modules from the first two and loads the tensors, with no supernet and no pickle.
+the modules from the first two (`family` in the config names the subnet class) and loads the tensors, with
+no supernet and no pickle.
 
 `timm.create_model("spvit_subnet", subnet_dir=DIR)` loads such a directory too, once this module has
 been imported (importing registers the name).
@@ -13,6 +18,7 @@ been imported (importing registers the name).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -26,13 +32,17 @@ from timm.models import register_model
 from torch import nn
 
 from finetune.checkpoint import load_checkpoint
-from supernets import Architecture, BlockChoice, GateConfig, VisionTransformerSupernet, build_supernet
+from supernets import Architecture, BlockChoice, GateConfig, Supernet, build_supernet
 from supernets.architecture import CONV_KERNEL_SIZE, check_fields, check_type
+from supernets.cait import CaitSuperBlock, CaitSupernet
+from supernets.cait_subnet import CaitSubnet
 from supernets.io import atomic_write_bytes, atomic_write_text, load_state_dict_file
-from supernets.subnet import VisionTransformerSubnet
+from supernets.subnet import Subnet, VisionTransformerSubnet
+from supernets.t2t_subnet import T2TViTSubnet
+from supernets.t2t_supernet import T2TViTSupernet
 from supernets.unified_attention import UnifiedAttention
 from supernets.unified_mlp import UnifiedMlp
-from supernets.vit import SuperBlock
+from supernets.vit import SuperBlock, input_channels
 
 __all__ = [
     "check_onnx_exporter",
@@ -56,52 +66,73 @@ FORMAT_VERSION = 1
 TIMM_NAME = "spvit_subnet"
 _RELEASED_FIELDS = ("model", "mixers", "mlp_hidden", "mlp_kept")
 _SOURCE_FIELDS = ("model", "pretrained", "checkpoint", "img_size", "num_classes", "model_kwargs")
+_SUPERNET_FIELDS = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "gates": dict}
+# One subnet class per family, told apart by config.json's family.
+_SUBNET_CLASSES = (VisionTransformerSubnet, CaitSubnet, T2TViTSubnet)
+_SUBNET_OF = {CaitSupernet: CaitSubnet, T2TViTSupernet: T2TViTSubnet}  # the others: VisionTransformerSubnet
 
 
 # -- export -----------------------------------------------------------------------------------------
 
 
-def export_subnet(net: VisionTransformerSupernet, arch: Architecture, fold_bn: bool = False) -> VisionTransformerSubnet:
+def export_subnet(net: Supernet, arch: Architecture, fold_bn: bool = False) -> Subnet:
     """The plain model that computes what `net` computes with `arch` fixed, in eval mode.
 
     With `fold_bn`, every bconv's BN is folded into its conv: the same eval-mode output with one layer
     fewer, but no BN statistics left to adapt when fine-tuning. The subnet holds copies, on `net`'s device.
     """
     net.validate_architecture(arch)
+    subnet_class = _SUBNET_OF.get(type(net), VisionTransformerSubnet)
     with torch.device("meta"):  # structure only: every tensor comes from the supernet below
-        subnet = VisionTransformerSubnet(arch, net.model_kwargs)
+        subnet = subnet_class(arch, net.model_kwargs)
     _assign_weights(subnet, subnet_state_dict(net, arch))
     subnet.eval()
     return subnet.fold_batch_norm() if fold_bn else subnet
 
 
 @torch.no_grad()
-def subnet_state_dict(net: VisionTransformerSupernet, arch: Architecture) -> dict[str, torch.Tensor]:
+def subnet_state_dict(net: Supernet, arch: Architecture) -> dict[str, torch.Tensor]:
     """The state dict of `arch`'s subnet, computed from `net`'s weights (fresh tensors, not views)."""
-    state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}  # stem, tokens, norm, head
-    for i, (block, choice) in enumerate(zip(net.blocks, arch.blocks, strict=True)):
-        state |= _prefixed(f"blocks.{i}.", _block_state(block, choice))
+    if isinstance(net, T2TViTSupernet):  # the first arch.embed_dim channels of the stem, tokens, norm and head
+        state = net.stem_and_head_state(arch.embed_dim)
+    else:
+        state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}  # stem, tokens, norm, head
+    if isinstance(net, CaitSupernet):
+        block_state = _cait_block_state
+    else:  # T2T-ViT at its width; a family without width choices has embed_dim None: its full width
+        block_state = functools.partial(_block_state, dim=arch.embed_dim)
+    for i, (block, choice) in enumerate(zip(net.blocks[: arch.depth], arch.blocks, strict=True)):
+        state |= _prefixed(f"blocks.{i}.", block_state(block, choice))
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _block_state(block: SuperBlock, choice: BlockChoice) -> dict[str, torch.Tensor]:
+def _block_state(block: SuperBlock, choice: BlockChoice, dim: int | None = None) -> dict[str, torch.Tensor]:
+    """A block's state for tokens of width `dim` (default: the full width; slimmed, the norms' and layer scales'
+    first `dim` channels)."""
+
+    def per_channel(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {prefix + k: v[:dim] for k, v in module.state_dict().items()}
+
     state = {}
     if choice.mixer != "skip":
-        state |= _prefixed("norm1.", block.norm1.state_dict()) | _prefixed("ls1.", block.ls1.state_dict())
-        state |= _prefixed("mixer.", _mixer_state(block.attn, choice.mixer))
-    state |= _prefixed("norm2.", block.norm2.state_dict()) | _prefixed("ls2.", block.ls2.state_dict())
-    return state | _prefixed("mlp.", _mlp_state(block.mlp, choice.mlp_kept))
+        state |= per_channel("norm1.", block.norm1) | per_channel("ls1.", block.ls1)
+        state |= _prefixed("mixer.", _mixer_state(block.attn, choice.mixer, dim))
+    state |= per_channel("norm2.", block.norm2) | per_channel("ls2.", block.ls2)
+    return state | _prefixed("mlp.", _mlp_state(block.mlp, choice.mlp_kept, dim))
 
 
-def _mixer_state(attn: UnifiedAttention, mixer: str) -> dict[str, torch.Tensor]:
-    state = _prefixed("proj.", attn.proj.state_dict())
+def _mixer_state(attn: UnifiedAttention, mixer: str, dim: int | None) -> dict[str, torch.Tensor]:
+    weights = attn.weights(dim)
+    (proj_weight, proj_bias), (v_weight, v_bias) = weights.proj, weights.v
+    state = {"proj.weight": proj_weight} | ({} if proj_bias is None else {"proj.bias": proj_bias})
     if mixer == "msa":
-        state["qkv.weight"] = torch.cat([attn.qk.weight, attn.v.weight])  # (3·A, D): q, k, v rows as timm's
-        if attn.v.bias is not None:
-            state["qkv.bias"] = torch.cat([attn.qk.bias, attn.v.bias])
+        qk_weight, qk_bias = weights.qk
+        state["qkv.weight"] = torch.cat([qk_weight, v_weight])  # (3·A, D): q, k, v rows as timm's
+        if v_bias is not None:
+            state["qkv.bias"] = torch.cat([qk_bias, v_bias])
         return state | _prefixed("q_norm.", attn.q_norm.state_dict()) | _prefixed("k_norm.", attn.k_norm.state_dict())
     kernel_size = CONV_KERNEL_SIZE[mixer]
-    kernel, bias, proj = attn.conv_parameters(kernel_size)
+    kernel, bias, proj = attn.conv_parameters(kernel_size, dim)
     state |= {"conv.weight": kernel, "proj.weight": proj}
     if bias is not None:
         state["conv.bias"] = bias
@@ -109,21 +140,41 @@ def _mixer_state(attn: UnifiedAttention, mixer: str) -> dict[str, torch.Tensor]:
     return state | _prefixed("bn.", bn.state_dict())
 
 
-def _mlp_state(mlp: UnifiedMlp, kept: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def _mlp_state(mlp: UnifiedMlp, kept: tuple[int, ...], dim: int | None) -> dict[str, torch.Tensor]:
     index = torch.tensor(kept, dtype=torch.long, device=mlp.fc1.weight.device)
-    state = {"fc1.weight": mlp.fc1.weight[index], "fc2.weight": mlp.fc2.weight[:, index]}  # (k, D), (D, k)
+    state = {"fc1.weight": mlp.fc1.weight[index, :dim], "fc2.weight": mlp.fc2.weight[:dim, index]}  # (k, D), (D, k)
     if mlp.fc1.bias is not None:
         state["fc1.bias"] = mlp.fc1.bias[index]
     if mlp.fc2.bias is not None:
-        state["fc2.bias"] = mlp.fc2.bias
+        state["fc2.bias"] = mlp.fc2.bias[:dim]
     return state
+
+
+def _cait_block_state(block: CaitSuperBlock, choice: BlockChoice) -> dict[str, torch.Tensor]:
+    """A CaiT block's state: talking heads' proj_l and proj_w join msa, and the layer scales are folded away."""
+    state = _block_state(block, choice)
+    if choice.mixer == "msa":
+        state |= _prefixed("mixer.proj_l.", block.attn.proj_l.state_dict())
+        state |= _prefixed("mixer.proj_w.", block.attn.proj_w.state_dict())
+    if choice.mixer != "skip":
+        _fold_layer_scale(state, "ls1.gamma", "mixer.proj.")
+    _fold_layer_scale(state, "ls2.gamma", "mlp.fc2.")
+    return state
+
+
+def _fold_layer_scale(state: dict[str, torch.Tensor], gamma: str, linear: str) -> None:
+    """Fold the layer scale γ (D,) at key `gamma` into the linear layer before it: γ·(W·h + b) = (γ·W)·h + γ·b."""
+    scale = state.pop(gamma)
+    state[f"{linear}weight"] = state[f"{linear}weight"] * scale[:, None]  # (D, in): row d scaled by γ_d
+    if f"{linear}bias" in state:
+        state[f"{linear}bias"] = state[f"{linear}bias"] * scale
 
 
 def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in state.items()}
 
 
-def _assign_weights(subnet: VisionTransformerSubnet, state: dict[str, torch.Tensor]) -> None:
+def _assign_weights(subnet: Subnet, state: dict[str, torch.Tensor]) -> None:
     """Load `state` into a subnet built on the meta device, taking the tensors over (no copy)."""
     subnet.load_state_dict(state, assign=True)
     # A non-persistent buffer is in no state dict: it would stay an empty meta tensor and fail in the forward.
@@ -135,9 +186,7 @@ def _assign_weights(subnet: VisionTransformerSubnet, state: dict[str, torch.Tens
 # -- save and load ----------------------------------------------------------------------------------
 
 
-def save_subnet(
-    model: VisionTransformerSubnet, directory: str | os.PathLike, source: dict[str, Any] | None = None
-) -> None:
+def save_subnet(model: Subnet, directory: str | os.PathLike, source: dict[str, Any] | None = None) -> None:
     """Write `arch.json`, `config.json` and `model.safetensors` into `directory`, each file atomically.
 
     `source` records the dense model the subnet was searched from (`subnet_source`), for fine-tuning.
@@ -152,7 +201,7 @@ def save_subnet(
     model.arch.save(directory / ARCH)
 
 
-def load_subnet(directory: str | os.PathLike) -> VisionTransformerSubnet:
+def load_subnet(directory: str | os.PathLike) -> Subnet:
     """The subnet saved in `directory`, in eval mode on the CPU; no supernet and no pickle involved.
 
     Raises `ValueError` naming the block and field when `arch.json` does not describe the saved weights.
@@ -166,7 +215,7 @@ def load_subnet(directory: str | os.PathLike) -> VisionTransformerSubnet:
     state = load_state_dict_file(directory / WEIGHTS)  # safetensors: tensors only
     try:
         with torch.device("meta"):
-            model = VisionTransformerSubnet.from_config(config, arch)
+            model = _subnet_class(config).from_config(config, arch)
     except ValueError as e:  # e.g. an arch.json with more blocks than its model has
         raise ValueError(f"{directory}: {e}") from None
     _check_weights_fit(model, state, directory)
@@ -197,7 +246,7 @@ def read_subnet_source(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(directory) / CONFIG
     try:
         source = json.loads(path.read_text(encoding="utf-8")).get("source")
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     if source is None:
         return None
@@ -210,7 +259,7 @@ def read_subnet_source(directory: str | os.PathLike) -> dict[str, Any] | None:
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{path} is not an spvit-search subnet config (format '{FORMAT}')")
@@ -219,7 +268,17 @@ def _read_config(path: Path) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("format", "version", "source")}
 
 
-def _check_weights_fit(model: VisionTransformerSubnet, state: dict[str, torch.Tensor], directory: Path) -> None:
+def _subnet_class(config: dict[str, Any]) -> type[Subnet]:
+    """The subnet class of the family a config names (ViT's names none)."""
+    family = config.get("family")
+    for subnet_class in _SUBNET_CLASSES:
+        if subnet_class.family == family:
+            return subnet_class
+    known = ", ".join(repr(c.family) for c in _SUBNET_CLASSES if c.family is not None)
+    raise ValueError(f"family: unknown subnet family {family!r}; expected {known} or none (ViT)")
+
+
+def _check_weights_fit(model: Subnet, state: dict[str, torch.Tensor], directory: Path) -> None:
     """Raise a `ValueError` naming the first field of arch.json (or config.json) the weights contradict."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
@@ -314,7 +373,7 @@ def _released_architecture(name: str, entry: Any, img_size: int, num_classes: in
     return arch
 
 
-def round_mlp(arch: Architecture, net: VisionTransformerSupernet, multiple: int) -> Architecture:
+def round_mlp(arch: Architecture, net: Supernet, multiple: int) -> Architecture:
     """`arch` with every MLP width rounded up to a multiple of `multiple` (or to the full width): matrix sizes
     that vector units and GEMM kernels like. The units added back are the most important dropped ones,
     those with the largest gate logits (ties: lowest index first)."""
@@ -322,7 +381,7 @@ def round_mlp(arch: Architecture, net: VisionTransformerSupernet, multiple: int)
         raise ValueError(f"round_mlp: the multiple must be a positive integer, got {multiple}")
     net.validate_architecture(arch)
     blocks = []
-    for block, choice in zip(net.blocks, arch.blocks, strict=True):
+    for block, choice in zip(net.blocks[: arch.depth], arch.blocks, strict=True):
         hidden = block.mlp.hidden_features
         width = len(choice.mlp_kept)
         extra = min(-(-width // multiple) * multiple, hidden) - width
@@ -338,17 +397,23 @@ def round_mlp(arch: Architecture, net: VisionTransformerSupernet, multiple: int)
 # -- search runs ------------------------------------------------------------------------------------
 
 
-def load_search_supernet(path: str | os.PathLike) -> VisionTransformerSupernet:
+def load_search_supernet(path: str | os.PathLike) -> Supernet:
     """The supernet a search run saved (`supernet.safetensors`), with its searched weights and gates."""
     model_state, state = load_checkpoint(path)
     config = state.get("config") if isinstance(state, dict) else None
     if not isinstance(config, dict) or not {"model", "img_size", "num_classes", "model_kwargs", "gates"} <= set(config):
         raise ValueError(f"{path} holds no supernet config; was it written by `spvit search`?")
+    try:
+        for name, expected in _SUPERNET_FIELDS.items():
+            check_type(f"config.{name}", config[name], expected)
+        gates = GateConfig(**config["gates"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: invalid supernet config: {e}") from None
     net = build_supernet(
         config["model"],
         img_size=config["img_size"],
         num_classes=config["num_classes"],
-        gates=GateConfig(**config["gates"]),
+        gates=gates,
         **config["model_kwargs"],
     )
     try:
@@ -369,7 +434,7 @@ def check_onnx_exporter() -> None:
         raise ValueError(f"ONNX export needs {' and '.join(missing)} (pip install onnx onnxscript)")
 
 
-def export_onnx(model: VisionTransformerSubnet, path: str | os.PathLike, tolerance: float = 1e-4) -> float | None:
+def export_onnx(model: Subnet, path: str | os.PathLike, tolerance: float = 1e-4) -> float | None:
     """Write `model` (switched to eval mode) as one ONNX file with a dynamic batch size and, where
     onnxruntime is installed, check it.
 
@@ -380,7 +445,7 @@ def export_onnx(model: VisionTransformerSubnet, path: str | os.PathLike, toleran
     check_onnx_exporter()
     model.eval()
     device = next(model.parameters()).device
-    image = torch.randn(2, model.patch_embed.proj.in_channels, model.img_size, model.img_size, device=device)
+    image = torch.randn(2, input_channels(model), model.img_size, model.img_size, device=device)
     program = torch.onnx.export(
         model,
         (image,),

@@ -178,7 +178,7 @@ def _finetune(
         context,
     )  # fmt: skip
     if resume:
-        engine.resume()
+        engine.resume(finished_ok=True)  # check_run_directory refused runs whose outputs are all written
     metrics = engine.fit()
     if not context.is_main:
         return None

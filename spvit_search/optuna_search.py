@@ -32,12 +32,12 @@ from torch.utils.data import DataLoader
 from finetune.checkpoint import save_checkpoint
 from finetune.classification import evaluate_classifier
 from lookup_tables import LookupTable
-from supernets import MIXERS, Architecture, VisionTransformerSupernet, build_supernet
+from supernets import MIXERS, Architecture, Supernet, build_supernet
 from supernets.io import atomic_write_text
 
 from .complexity import check_budget, parse_budget
 from .data import build_dataset, build_loader, num_classes_of
-from .discrete_spaces import DEFAULT_MLP_RATIOS, BlockwiseSpace, DiscreteSpace
+from .discrete_spaces import DEFAULT_MLP_RATIOS, DiscreteSpace, discrete_space
 from .export import load_search_supernet
 from .runs import CONFIG, RunConfig
 from .search import SUPERNET, check_num_classes, img_size_of, lookup_table
@@ -84,9 +84,7 @@ class OptunaConfig(RunConfig):
 class SharedWeightEvaluator:
     """Validation top-1 of the supernet with an architecture fixed; the supernet's state is left as found."""
 
-    def __init__(
-        self, net: VisionTransformerSupernet, val_loader: DataLoader, train_loader: DataLoader, config: OptunaConfig
-    ) -> None:
+    def __init__(self, net: Supernet, val_loader: DataLoader, train_loader: DataLoader, config: OptunaConfig) -> None:
         self.net = net
         self.val_loader = val_loader
         self.train_loader = train_loader
@@ -140,7 +138,7 @@ def run_optuna(config: OptunaConfig) -> dict[str, Any]:
     target = parse_budget(config.target, lut.dense_flops())
     check_budget(target, lut.range(), config.target)
     _prepare_run_directory(out, config, net, lut)
-    space = BlockwiseSpace(net, config.mixers, config.mlp_ratios)
+    space = discrete_space(net, config.mixers, config.mlp_ratios)
     evaluator = SharedWeightEvaluator(
         net,
         build_loader(val_set, config.batch_size, train=False, num_workers=config.num_workers),
@@ -252,7 +250,7 @@ def write_outputs(
     space: DiscreteSpace,
     lut: LookupTable,
     target: int,
-    net: VisionTransformerSupernet,
+    net: Supernet,
     out: Path,
 ) -> dict[str, Any]:
     """`trials.csv`, `pareto.json`, the best `arch.json` and `summary.json` of the study as it stands."""
@@ -324,7 +322,7 @@ def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]
     return front
 
 
-def _supernet(config: OptunaConfig, dataset_classes: int) -> VisionTransformerSupernet:
+def _supernet(config: OptunaConfig, dataset_classes: int) -> Supernet:
     num_classes = check_num_classes(config.num_classes, dataset_classes)
     if config.supernet is None:
         return build_supernet(
@@ -351,7 +349,7 @@ def _check_config(config: OptunaConfig) -> None:
         raise ValueError(f"--trials must be at least 1, got {config.trials}")
 
 
-def _prepare_run_directory(out: Path, config: OptunaConfig, net: VisionTransformerSupernet, lut: LookupTable) -> None:
+def _prepare_run_directory(out: Path, config: OptunaConfig, net: Supernet, lut: LookupTable) -> None:
     """Write the run's config, lookup table and supernet; a directory of the same study is joined, one with
     other settings refused."""
     saved = out / CONFIG

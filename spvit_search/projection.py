@@ -39,8 +39,8 @@ Algorithm (greedy, deterministic, numpy and plain Python: well under a second fo
    and the flipped decisions stay the least confident ones should the search go on. Every other
    logit is left exactly as it was.
 
-Guarantees (T >= lut.range()[0]; a smaller T raises `ValueError` with the range)
---------------------------------------------------------------------------------
+Guarantees (T >= lut.range(full_size=True)[0]; a smaller T raises `ValueError` with the range)
+----------------------------------------------------------------------------------------------
 - Budget: F <= T, and `net.architecture()` afterwards is the returned architecture.
 - Maximal: no single remaining move fits: every MLP unit left off costs more than T - F, and so does
   turning on any block's next gate. So T - F is below the per-unit MACs whenever any unit is off.
@@ -99,7 +99,7 @@ def project_to_budget(
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}")
     lut.check_supernet(net)
-    low, high = lut.range()
+    low, high = lut.range(full_size=True)  # the gates choose at full depth and width
     if target < low:
         check_budget(target, (low, high))  # raises, printing the search space's range
     target = int(target)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Self
 
 from finetune.engine import CHECKPOINT
+from supernets.io import remove_stale_temporaries
 
 CONFIG = "config.json"
-_NOT_SETTINGS = ("progress",)  # may differ on resume: they change how a run shows, not what it computes
+SUMMARY = "summary.json"  # written last: a run directory that holds it is finished
+_NOT_SETTINGS = ("progress", "out")  # may differ on resume: how a run shows and where it lives, not what it computes
 
 
 class RunConfig:
@@ -24,11 +28,41 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field '{unknown[0]}'")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            if not _matches(value, hints[name]):
+                raise ValueError(f"{name}: expected {_describe(hints[name])}, got {type(value).__name__} {value!r:.40}")
         return cls(**data)
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether parsed JSON `value` has the type `hint` (the config fields' types: scalars, optionals, containers)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if origin is not None:  # dict[str, Any], list[float]: the container, and the items of a list
+        if not isinstance(value, origin):
+            return False
+        args = typing.get_args(hint)
+        return origin is not list or all(_matches(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    plain = typing.get_origin(hint) is None and getattr(hint, "__name__", None)
+    return plain or str(hint).replace("typing.", "")
+
+
 def check_run_directory(out_dir: Path, config: RunConfig, resume: bool) -> None:
-    """Refuse to overwrite a run, or to resume one with other settings than `config`."""
+    """Refuse to overwrite a run, or to resume a finished one or one with other settings than `config`."""
     saved = out_dir / CONFIG
     if not resume:
         if (out_dir / CHECKPOINT).exists():
@@ -37,8 +71,8 @@ def check_run_directory(out_dir: Path, config: RunConfig, resume: bool) -> None:
     if not (out_dir / CHECKPOINT).exists() or not saved.exists():
         raise FileNotFoundError(f"nothing to resume in {out_dir}: no {CHECKPOINT} and {CONFIG}")
     try:
-        previous = type(config).from_dict(json.loads(saved.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        previous = type(config).from_dict(json.loads(saved.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{saved} is not a valid run config: {e}") from None
     changed = [
         f.name
@@ -49,3 +83,6 @@ def check_run_directory(out_dir: Path, config: RunConfig, resume: bool) -> None:
         raise ValueError(
             f"--resume with other settings than {saved}: {', '.join(changed)} differ; resume with the same settings"
         )
+    if (out_dir / SUMMARY).exists():
+        raise ValueError(f"{out_dir} holds a finished run ({SUMMARY} is written); there is nothing to resume")
+    remove_stale_temporaries(out_dir)  # left by a writer killed mid-write; the files they were for are intact

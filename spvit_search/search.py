@@ -24,7 +24,7 @@ from finetune.engine import Engine, EngineConfig
 from finetune.optim import weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables import LookupTable, build_lookup_table, differentiable_flops
-from supernets import MIXERS, GateConfig, VisionTransformerSupernet, build_supernet
+from supernets import MIXERS, GateConfig, Supernet, build_supernet
 from supernets.io import atomic_write_text
 
 from .complexity import ComplexityLoss, check_budget, parse_budget
@@ -86,7 +86,7 @@ class SearchTask:
 
     def __init__(
         self,
-        net: VisionTransformerSupernet,
+        net: Supernet,
         lut: LookupTable,
         complexity: ComplexityLoss,
         val_loader: DataLoader,
@@ -152,7 +152,7 @@ class SearchTask:
         self.gate_generator.set_state(state["gate_generator"])
 
 
-def gate_statistics(net: VisionTransformerSupernet) -> dict[str, float]:
+def gate_statistics(net: Supernet) -> dict[str, float]:
     """How many MLP units are kept, how confident the gates are, and how many blocks use each mixer."""
     mlp_logits = torch.cat([b.mlp.gates.logits.detach() for b in net.blocks])
     stats = {
@@ -175,6 +175,7 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
     """Search under `config.target`; returns the run's summary (also written as `summary.json`) on the main
     process, None on the other DDP ranks."""
     out_dir = Path(config.out)
+    _check_config(config)
     check_run_directory(out_dir, config, resume)
     device = torch.device("cpu")
     context = init_distributed(device)
@@ -201,7 +202,7 @@ def _search(config: SearchConfig, out_dir: Path, resume: bool, context: Distribu
     )
     lut = lookup_table(net, config.convention, config.lut)
     target = parse_budget(config.target, lut.dense_flops())
-    check_budget(target, lut.range(), config.target)
+    check_budget(target, lut.range(full_size=True), config.target)  # the gates choose at full depth and width
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
@@ -234,13 +235,13 @@ def _search(config: SearchConfig, out_dir: Path, resume: bool, context: Distribu
         context,
     )  # fmt: skip
     if resume:
-        engine.resume()
+        engine.resume(finished_ok=True)  # check_run_directory refused runs whose outputs are all written
     engine.fit()
     return _finish(net, lut, target, val_loader, config, out_dir, engine, context)
 
 
 def _finish(
-    net: VisionTransformerSupernet,
+    net: Supernet,
     lut: LookupTable,
     target: int,
     val_loader: DataLoader,
@@ -280,6 +281,16 @@ def _finish(
     return summary
 
 
+def _check_config(config: SearchConfig) -> None:
+    for name in ("epochs", "patience"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be 0 (epoch ends only) or positive, got {config.checkpoint_every}")
+    if not config.tolerance > 0:
+        raise ValueError(f"--tolerance must be positive, got {config.tolerance}")
+
+
 def img_size_of(model: str, img_size: int | None) -> int:
     """`img_size`, or the model's default input size."""
     if img_size is not None:
@@ -297,7 +308,7 @@ def check_num_classes(num_classes: int | None, dataset_classes: int) -> int:
     return dataset_classes
 
 
-def lookup_table(net: VisionTransformerSupernet, convention: str, path: str | None) -> LookupTable:
+def lookup_table(net: Supernet, convention: str, path: str | None) -> LookupTable:
     """The table saved at `path` (checked against `net`), or one built now."""
     if path is None:
         return build_lookup_table(net, convention)

@@ -5,13 +5,20 @@ reports draw it. Its JSON form:
 
     {"model": "deit_tiny_patch16_224", "img_size": 224, "num_classes": 1000,
      "blocks": [{"mixer": "bconv1", "mlp_kept": [0, 3, 4, 7]}, {"mixer": "msa", "mlp_kept": [0, 1, 2]}]}
+
+Family fields: a family whose search also chooses dimensions outside the blocks adds optional top-level
+fields (`FAMILY_FIELDS`), present in its architectures and absent from every other's JSON. T2T-ViT adds
+`embed_dim` (the width used) and `num_heads` (the heads of every block): a subnet uses the first
+`embed_dim` channels and the first `num_heads` heads of the supernet. Depth needs no field: it is the
+number of `blocks`, which are the first blocks of the supernet. Which depths and family values a supernet
+offers is its `choices` (see `Architecture.validate_for`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,18 @@ CONV_KERNEL_SIZE = {"bconv1": 1, "bconv3": 3}
 
 _TOP_LEVEL_FIELDS = ("model", "img_size", "num_classes", "blocks")
 _BLOCK_FIELDS = ("mixer", "mlp_kept")
+
+
+def _positive_int(field: str, value: Any) -> int:
+    check_type(field, value, int)
+    if value <= 0:
+        raise ValueError(f"{field}: must be positive, got {value}")
+    return value
+
+
+# The optional family fields, each with the check that turns its JSON value into the field's value (or raises
+# a `ValueError` naming the field). A family adds its own here and as a dataclass field defaulting to None.
+FAMILY_FIELDS: dict[str, Callable[[str, Any], Any]] = {"embed_dim": _positive_int, "num_heads": _positive_int}
 
 
 @dataclass(frozen=True)
@@ -43,9 +62,14 @@ class Architecture:
     img_size: int
     num_classes: int
     blocks: tuple[BlockChoice, ...]
+    embed_dim: int | None = None  # T2T-ViT: the width used, num_heads × the supernet's head width
+    num_heads: int | None = None  # T2T-ViT: the attention heads of every block
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
+        for name, check in FAMILY_FIELDS.items():
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check(name, getattr(self, name)))
         check_type("model", self.model, str)
         if not self.model:
             raise ValueError("model: must be a non-empty model name")
@@ -67,8 +91,22 @@ class Architecture:
     def mixers(self) -> list[str]:
         return [b.mixer for b in self.blocks]
 
-    def validate_for(self, *, model: str, img_size: int, num_classes: int, mlp_hidden: Sequence[int]) -> None:
-        """Raise `ValueError` naming the field if this architecture does not fit the given supernet."""
+    def validate_for(
+        self,
+        *,
+        model: str,
+        img_size: int,
+        num_classes: int,
+        mlp_hidden: Sequence[int],
+        choices: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
+        """Raise `ValueError` naming the field if this architecture does not fit the given supernet.
+
+        `mlp_hidden` holds the hidden size of each of the supernet's blocks. `choices` holds the values of
+        the discrete dimensions it offers: `depth` (default: exactly its number of blocks) and each family
+        field it has; the family fields it does not list must be absent.
+        """
+        choices = choices or {}
         if self.model != model:
             raise ValueError(f"model: architecture is for '{self.model}', but the supernet is '{model}'")
         if self.img_size != img_size:
@@ -77,9 +115,20 @@ class Architecture:
             raise ValueError(
                 f"num_classes: architecture is for {self.num_classes} classes, the supernet has {num_classes}"
             )
-        if len(self.blocks) != len(mlp_hidden):
+        for name in FAMILY_FIELDS:
+            value, offered = getattr(self, name), choices.get(name)
+            if offered is None and value is not None:
+                raise ValueError(f"{name}: '{model}' has no {name} choice, but the architecture sets {value}")
+            if offered is not None and value not in offered:
+                listed = ", ".join(map(str, offered))
+                has = "none" if value is None else value
+                raise ValueError(f"{name}: '{model}' offers {listed}; the architecture has {has}")
+        if "depth" not in choices and len(self.blocks) != len(mlp_hidden):
             raise ValueError(f"blocks: architecture has {len(self.blocks)} blocks, '{model}' has {len(mlp_hidden)}")
-        for i, (block, hidden) in enumerate(zip(self.blocks, mlp_hidden, strict=True)):
+        if "depth" in choices and len(self.blocks) not in choices["depth"]:
+            depths = ", ".join(map(str, choices["depth"]))
+            raise ValueError(f"blocks: architecture has {len(self.blocks)} blocks, '{model}' offers depths {depths}")
+        for i, (block, hidden) in enumerate(zip(self.blocks, mlp_hidden[: len(self.blocks)], strict=True)):
             if block.mlp_kept and block.mlp_kept[-1] >= hidden:
                 raise ValueError(
                     f"blocks[{i}].mlp_kept: index {block.mlp_kept[-1]} is out of range for hidden size {hidden}"
@@ -90,6 +139,7 @@ class Architecture:
             "model": self.model,
             "img_size": self.img_size,
             "num_classes": self.num_classes,
+            **{name: getattr(self, name) for name in FAMILY_FIELDS if getattr(self, name) is not None},
             "blocks": [{"mixer": b.mixer, "mlp_kept": list(b.mlp_kept)} for b in self.blocks],
         }
 
@@ -98,7 +148,7 @@ class Architecture:
         """Build from parsed JSON, checking the schema field by field."""
         if not isinstance(data, dict):
             raise ValueError(f"architecture must be a JSON object, got {type(data).__name__}")
-        check_fields("", data, _TOP_LEVEL_FIELDS)
+        check_fields("", data, _TOP_LEVEL_FIELDS, optional=tuple(FAMILY_FIELDS))
         blocks_data = data["blocks"]
         check_type("blocks", blocks_data, list)
         blocks = []
@@ -110,7 +160,8 @@ class Architecture:
             for j, index in enumerate(b["mlp_kept"]):
                 check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
             blocks.append(BlockChoice(b["mixer"], tuple(b["mlp_kept"])))
-        return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks))
+        family = {name: check(name, data[name]) for name, check in FAMILY_FIELDS.items() if name in data}
+        return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks), **family)
 
     def to_json(self) -> str:
         # One block per line: diffs of two architectures stay readable.
@@ -136,6 +187,8 @@ class Architecture:
             raise FileNotFoundError(f"architecture file not found: {path}")
         try:
             return cls.from_json(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: architecture is not valid JSON: not UTF-8 text ({e.reason})") from None
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
@@ -162,11 +215,11 @@ def check_type(field: str, value: Any, expected: type) -> None:
         raise ValueError(f"{field}: expected {expected.__name__}, got {type(value).__name__} {value!r:.40}")
 
 
-def check_fields(prefix: str, data: dict, fields: Sequence[str]) -> None:
-    """Raise a `ValueError` naming the first missing or unknown key of a JSON object."""
+def check_fields(prefix: str, data: dict, fields: Sequence[str], optional: Sequence[str] = ()) -> None:
+    """Raise a `ValueError` naming the first missing or unknown key of a JSON object (`optional` keys may be absent)."""
     missing = [f for f in fields if f not in data]
     if missing:
         raise ValueError(f"{prefix}{missing[0]}: required field is missing")
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields) - set(optional))
     if unknown:
-        raise ValueError(f"{prefix}{unknown[0]}: unknown field; expected {', '.join(fields)}")
+        raise ValueError(f"{prefix}{unknown[0]}: unknown field; expected {', '.join([*fields, *optional])}")

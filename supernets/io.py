@@ -32,8 +32,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves no partial file behind
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # name the file the user knows, not the temporary one
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -44,6 +46,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write (SIGKILL, power cut) left in `directory` and
+    its subfolders; returns them. Call it only while no writer is running there."""
+    stale = [p for p in Path(directory).rglob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -10,15 +10,27 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.cait import Cait
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from .cait import CaitSupernet, cait_checkpoint_filter, unsupported_cait_features
 from .gates import GateConfig
 from .io import load_state_dict_file
-from .vit import VisionTransformerSupernet, unsupported_features
+from .t2t_supernet import T2TViTSupernet
+from .t2t_vit import T2TViT
+from .vit import Supernet, VisionTransformerSupernet, unsupported_features
 
-# timm modules whose models may be plain VisionTransformers; each name is then checked by building it.
-_VIT_MODULES = ("vision_transformer", "deit")
+# timm modules whose models may be plain VisionTransformers, CaiTs or our T2T-ViTs; each name is then checked by
+# building it.
+_VIT_MODULES = ("vision_transformer", "deit", "cait", "t2t_vit")
+
+
+def _unsupported(model: nn.Module) -> list[str]:
+    """Why `model` cannot become a supernet: a CaiT is checked as one, any other model as a ViT; every T2T-ViT can."""
+    if isinstance(model, T2TViT):
+        return []
+    return unsupported_cait_features(model) if isinstance(model, Cait) else unsupported_features(model)
 
 
 @functools.cache
@@ -32,7 +44,7 @@ def list_supernets() -> list[str]:
                 model = timm.create_model(name, depth=1)
         except Exception:  # an entry point that cannot build this way is not a plain ViT
             continue
-        if not unsupported_features(model):
+        if not _unsupported(model):
             names.append(name)
     return names
 
@@ -41,7 +53,7 @@ def check_model_name(name: str) -> None:
     """Raise a `ValueError` that suggests close matches, or says why, if `name` cannot be a supernet."""
     if name in timm.list_models():
         with torch.device("meta"):  # the structure, without allocating weights
-            reasons = unsupported_features(timm.create_model(name))
+            reasons = _unsupported(timm.create_model(name))
         if reasons:
             raise ValueError(f"timm model '{name}' cannot be searched: {'; '.join(reasons)}")
         return
@@ -59,14 +71,15 @@ def build_supernet(
     num_classes: int | None = None,
     gates: GateConfig | None = None,
     **kwargs: Any,
-) -> VisionTransformerSupernet:
+) -> Supernet:
     """Build timm's `name` (random, `pretrained` or from `checkpoint_path`) and convert it to a supernet.
 
     Extra keyword arguments (e.g. `patch_size=4`) go to `timm.create_model`.
     """
     check_model_name(name)
     source = create_source_model(name, pretrained, checkpoint_path, img_size, num_classes, **kwargs)
-    return VisionTransformerSupernet(source, name, model_kwargs=kwargs, gates=gates or GateConfig())
+    family = {Cait: CaitSupernet, T2TViT: T2TViTSupernet}.get(type(source), VisionTransformerSupernet)
+    return family(source, name, model_kwargs=kwargs, gates=gates or GateConfig())
 
 
 def create_source_model(
@@ -88,9 +101,26 @@ def create_source_model(
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (AssertionError, TypeError) as e:  # timm asserts on bad sizes and rejects unknown kwargs
         raise ValueError(f"cannot build '{name}' with {kwargs}: {e}") from None
+    check_image_size(model, name)
     if checkpoint_path is not None:
         load_timm_checkpoint(model, checkpoint_path, reset_head=num_classes is not None)
     return model
+
+
+def check_image_size(model: nn.Module, name: str) -> None:
+    """Raise a `ValueError` if the model's patch embedding cannot cut its image size into whole patches (timm
+    would only fail at the first forward, with an assertion)."""
+    embed = getattr(model, "patch_embed", None)
+    img_size, patch_size = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if img_size is None or patch_size is None or getattr(embed, "dynamic_img_pad", False):
+        return
+    for side, patch in zip(img_size, patch_size, strict=True):
+        if side % patch:
+            fits = [n for n in (side - side % patch, side - side % patch + patch) if n > 0]
+            raise ValueError(
+                f"image size {side} does not fit '{name}': it must be a multiple of the patch size {patch} "
+                f"(e.g. {' or '.join(map(str, fits))})"
+            )
 
 
 def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: bool = False) -> None:
@@ -99,7 +129,8 @@ def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: 
     With `reset_head`, a classifier trained for another number of classes is dropped (the model keeps
     its freshly initialised head) instead of being an error.
     """
-    state = checkpoint_filter_fn(load_state_dict_file(path), model)
+    filter_fn = cait_checkpoint_filter if isinstance(model, Cait) else checkpoint_filter_fn
+    state = filter_fn(load_state_dict_file(path), model)
     expected = model.state_dict()
     head_keys = {k for k in expected if k.startswith("head.")}
     reinit = set()

@@ -10,7 +10,7 @@ supernet; its weights then come by name through `load_state_dict`.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -138,9 +138,12 @@ class PlainAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, dh) each
         q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, A)
+        out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, self.attn_dim)  # (B, N, A)
         return self.proj_drop(self.proj(out))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/√dh)·v per head: (B, H, N, dh) from q, k, v (B, H, N, dh)."""
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
 
 
 class PrunedMlp(nn.Module):
@@ -197,56 +200,82 @@ class SubnetBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class VisionTransformerSubnet(ViTStemAndHead):
-    """The exported subnet: timm's stem, tokens, norms and head around the blocks of one `Architecture`.
+class Subnet(nn.Module):
+    """What every family's exported model shares: it is built from data alone, one `Architecture` plus
+    `config()`, and its bconv layers can fold their BN. A family's `__init__(arch, model_kwargs, fold_bn)` calls
+    `create_source` and builds its stem, head and blocks from the model it returns; the family names itself in
+    `family`, which `config()` records (ViT's records none, as subnets saved before there were other families do)."""
 
-    The timm model `arch.model` is created (on the ambient device: build under `torch.device("meta")` to
-    skip allocating and initialising weights that a state dict replaces anyway) for its structure; its
-    stem and head are taken over and each block is rebuilt for its choice. `fold_bn` builds the inference
-    form of the bconv layers (no BN, a conv bias); `config()` and the architecture rebuild the same modules.
-    """
+    family: ClassVar[str | None] = None
+    arch: Architecture
+    model_kwargs: dict[str, Any]
+    bn_folded: bool
 
-    def __init__(self, arch: Architecture, model_kwargs: dict[str, Any] | None = None, fold_bn: bool = False) -> None:
-        super().__init__()
+    def create_source(self, arch: Architecture, model_kwargs: dict[str, Any] | None, fold_bn: bool) -> nn.Module:
+        """The timm model `arch.model`, created for its structure and checked against `arch`; records what
+        rebuilds this subnet (`config()`) and timm's data config.
+
+        It is created on the ambient device: build under `torch.device("meta")` to skip allocating and
+        initialising weights that a state dict replaces anyway.
+        """
         self.model_kwargs = dict(model_kwargs or {})
         check_model_name(arch.model)
-        vit = create_source_model(arch.model, img_size=arch.img_size, num_classes=arch.num_classes, **self.model_kwargs)
-        mlp_hidden = [b.mlp.fc1.out_features for b in vit.blocks]  # the depth and kept indices must fit these
+        source = create_source_model(
+            arch.model, img_size=arch.img_size, num_classes=arch.num_classes, **self.model_kwargs
+        )
+        mlp_hidden = [b.mlp.fc1.out_features for b in source.blocks]  # the depth and kept indices must fit these
         arch.validate_for(model=arch.model, img_size=arch.img_size, num_classes=arch.num_classes, mlp_hidden=mlp_hidden)
-        self.adopt_stem_and_head(vit, arch.model)
         self.arch = arch
         self.bn_folded = fold_bn
         # timm's data config (mean, std, crop) for `timm.data.resolve_model_data_config`; the grid is fixed.
-        image = (vit.patch_embed.proj.in_channels, arch.img_size, arch.img_size)
-        self.pretrained_cfg = vit.pretrained_cfg | {
+        image = (source.patch_embed.proj.in_channels, arch.img_size, arch.img_size)
+        self.pretrained_cfg = source.pretrained_cfg | {
             "input_size": image,
             "fixed_input_size": True,
             "num_classes": arch.num_classes,
         }
-        self.blocks = nn.Sequential(
-            *[
-                SubnetBlock(block, choice, self.grid_size, self.num_prefix_tokens, fold_bn)
-                for block, choice in zip(vit.blocks, arch.blocks, strict=True)
-            ]
-        )
+        return source
 
     @classmethod
-    def from_config(cls, config: Any, arch: Architecture) -> VisionTransformerSubnet:
+    def from_config(cls, config: Any, arch: Architecture) -> Subnet:
         """Build from `config()`'s data (as parsed from JSON), checking it field by field."""
         check_type("subnet config", config, dict)
-        check_fields("", config, _CONFIG_FIELDS)
+        check_fields("", config, _CONFIG_FIELDS if cls.family is None else ("family", *_CONFIG_FIELDS))
+        if config.get("family") != cls.family:
+            raise ValueError(f"family: the config is for {config['family']!r}, not {cls.family!r}")
         check_type("model_kwargs", config["model_kwargs"], dict)
         check_type("fold_bn", config["fold_bn"], bool)
         return cls(arch, config["model_kwargs"], config["fold_bn"])
 
     def config(self) -> dict[str, Any]:
         """What besides the architecture rebuilds this subnet's modules, as JSON-ready data."""
-        return {"model_kwargs": self.model_kwargs, "fold_bn": self.bn_folded}
+        family = {} if self.family is None else {"family": self.family}
+        return family | {"model_kwargs": self.model_kwargs, "fold_bn": self.bn_folded}
 
-    def fold_batch_norm(self) -> VisionTransformerSubnet:
+    def fold_batch_norm(self) -> Subnet:
         """Fold every bconv's BN into its conv, for inference; returns self."""
         for module in self.modules():
             if isinstance(module, BottleneckConv):
                 module.fold_batch_norm()
         self.bn_folded = True
         return self
+
+
+class VisionTransformerSubnet(ViTStemAndHead, Subnet):
+    """The exported subnet: timm's stem, tokens, norms and head around the blocks of one `Architecture`.
+
+    The timm model `arch.model` is created (`Subnet.create_source`) for its structure; its stem and head
+    are taken over and each block is rebuilt for its choice. `fold_bn` builds the inference form of the
+    bconv layers (no BN, a conv bias); `config()` and the architecture rebuild the same modules.
+    """
+
+    def __init__(self, arch: Architecture, model_kwargs: dict[str, Any] | None = None, fold_bn: bool = False) -> None:
+        super().__init__()
+        vit = self.create_source(arch, model_kwargs, fold_bn)
+        self.adopt_stem_and_head(vit, arch.model)
+        self.blocks = nn.Sequential(
+            *[
+                SubnetBlock(block, choice, self.grid_size, self.num_prefix_tokens, fold_bn)
+                for block, choice in zip(vit.blocks, arch.blocks, strict=True)
+            ]
+        )

@@ -211,6 +211,7 @@ class T2TViT(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.img_size = img_size
+        self.in_chans = in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
 

@@ -13,11 +13,15 @@ and the output projection mixes proj's head slices the same way. A bconv_k layer
 over the patch-token grid, where b_p, P_p mix v's bias and proj's columns with s[:, p]; the 1×1 conv
 is the centre tap (p = 4) of the 3×3. Prefix tokens (class, registers) get a zero update from every
 conv or skip candidate.
+
+Slimmed tokens, the first D' < D channels (T2T-ViT's width search), keep the width per head: they use the
+first D'·heads/D heads, and of every weight the rows and columns of those heads and channels (`weights`).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,15 @@ from .gates import BinaryGates, GateConfig
 
 _NUM_TAPS = 9  # the 3×3 kernel; 1×1 is its centre tap
 _CENTRE_TAP = 4
+
+
+class AttentionWeights(NamedTuple):
+    """The (weight, bias) pairs one width of a unified MSA computes with, for its first `heads` heads."""
+
+    heads: int
+    qk: tuple[torch.Tensor, torch.Tensor | None]  # (2·heads·dh, D'): the q rows, then the k rows
+    v: tuple[torch.Tensor, torch.Tensor | None]  # (heads·dh, D')
+    proj: tuple[torch.Tensor, torch.Tensor | None]  # (D', heads·dh)
 
 
 class UnifiedAttention(nn.Module):
@@ -86,17 +99,21 @@ class UnifiedAttention(nn.Module):
             proj_drop=attn.proj_drop.p,
             gates=gates,
         )
-        a = unified.attn_dim
-        with torch.no_grad():
-            unified.qk.weight.copy_(attn.qkv.weight[: 2 * a])
-            unified.v.weight.copy_(attn.qkv.weight[2 * a :])
-            if attn.qkv.bias is not None:
-                unified.qk.bias.copy_(attn.qkv.bias[: 2 * a])
-                unified.v.bias.copy_(attn.qkv.bias[2 * a :])
+        unified.load_qkv(attn.qkv)
         unified.proj = copy.deepcopy(attn.proj)
         unified.q_norm = copy.deepcopy(attn.q_norm)
         unified.k_norm = copy.deepcopy(attn.k_norm)
         return unified
+
+    @torch.no_grad()
+    def load_qkv(self, qkv: nn.Linear) -> None:
+        """Copy a fused qkv projection (D → 3·A, rows q, k, v) into qk and v."""
+        a = self.attn_dim
+        self.qk.weight.copy_(qkv.weight[: 2 * a])
+        self.v.weight.copy_(qkv.weight[2 * a :])
+        if qkv.bias is not None:
+            self.qk.bias.copy_(qkv.bias[: 2 * a])
+            self.v.bias.copy_(qkv.bias[2 * a :])
 
     def current_mixer(self) -> str:
         """The mixer chosen by the deterministic rule: the cheapest-first run of gates with logit > 0."""
@@ -114,54 +131,92 @@ class UnifiedAttention(nn.Module):
         if mixer is None:
             return self._forward_search(x)
         if mixer == "msa":
-            return self._attention(x, self.v(x))
+            weights = self.weights(int(x.shape[-1]))  # int: under tracing (fvcore) a size is a tensor
+            return self._attention(x, F.linear(x, *weights.v), weights)
         if mixer == "skip":
             return torch.zeros_like(x)
         return self._forward_conv(x, CONV_KERNEL_SIZE[mixer])
 
-    def parameters_for(self, mixer: str) -> list[nn.Parameter]:
-        """The parameters `mixer` uses: a conv keeps v, proj, z and its own BN, but not qk."""
+    def weights(self, dim: int | None = None) -> AttentionWeights:
+        """The weights `dim`-wide tokens use (default: all D channels, the layers' own parameters).
+
+        Slimmed tokens (dim < D) use the first dim·heads/D heads: views of the first rows and columns of v and
+        proj, and a copy of qk's first q rows and first k rows.
+        """
+        full = self.v.in_features
+        if dim is None or dim == full:
+            qk, v, proj = ((m.weight, m.bias) for m in (self.qk, self.v, self.proj))
+            return AttentionWeights(self.num_heads, qk, v, proj)
+        heads, rest = divmod(dim * self.num_heads, full)
+        if rest or not 0 < dim < full:
+            raise ValueError(f"{dim} of {full} channels are not a whole number of the {self.num_heads} heads")
+        a = heads * self.head_dim
+        qk_weight = self.qk.weight.view(2, self.attn_dim, full)[:, :a, :dim].reshape(2 * a, dim)
+        qk_bias = None if self.qk.bias is None else self.qk.bias.view(2, self.attn_dim)[:, :a].reshape(2 * a)
+        v_bias = None if self.v.bias is None else self.v.bias[:a]
+        proj_bias = None if self.proj.bias is None else self.proj.bias[:dim]
+        return AttentionWeights(
+            heads, (qk_weight, qk_bias), (self.v.weight[:a, :dim], v_bias), (self.proj.weight[:dim, :a], proj_bias)
+        )
+
+    def parameters_for(self, mixer: str, dim: int | None = None) -> list[torch.Tensor]:
+        """The parameters `mixer` uses at width `dim` (default: the full width): a conv keeps v, proj, z and its
+        own BN, but not qk. Slimmed, they are the used slices of the parameters."""
         if mixer == "skip":
             return []
+        weights = self.weights(dim)
+        shared = [t for t in (*weights.v, *weights.proj) if t is not None]
         if mixer == "msa":
-            modules = [self.qk, self.q_norm, self.k_norm, self.v, self.proj]
-            return [p for m in modules for p in m.parameters()]
+            qk = [t for t in weights.qk if t is not None]
+            return [*qk, *self.q_norm.parameters(), *self.k_norm.parameters(), *shared]
         bn = self.bn1 if CONV_KERNEL_SIZE[mixer] == 1 else self.bn3
-        return [*self.v.parameters(), *self.proj.parameters(), self.head_mix_logits, *bn.parameters()]
+        return [*shared, self.head_mix_logits[: weights.heads], *bn.parameters()]
 
-    def head_mix(self) -> torch.Tensor:
-        """s = softmax over heads of z / t, per kernel tap: (heads, 9)."""
-        return torch.softmax(self.head_mix_logits / self.head_mix_temperature, dim=0)
+    def head_mix(self, heads: int | None = None) -> torch.Tensor:
+        """s = softmax over the first `heads` heads (default: all) of z / t, per kernel tap: (heads, 9)."""
+        return torch.softmax(self.head_mix_logits[:heads] / self.head_mix_temperature, dim=0)
 
-    def conv_parameters(self, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The bconv_k layer's conv weight (dh, D, k, k), conv bias (dh,) and projection weight (D, dh)."""
-        taps = self.head_mix() if kernel_size == 3 else self.head_mix()[:, _CENTRE_TAP : _CENTRE_TAP + 1]
+    def conv_parameters(
+        self, kernel_size: int, dim: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The bconv_k layer's conv weight (dh, D, k, k), conv bias (dh,) and projection weight (D, dh), for tokens
+        of width D = `dim` (default: the full width)."""
+        weights = self.weights(dim)
+        s = self.head_mix(weights.heads)
+        taps = s if kernel_size == 3 else s[:, _CENTRE_TAP : _CENTRE_TAP + 1]
         heads = taps.t()[:, :, None, None]  # (T, H, 1, 1)
         # Weight-only products, folded away at export: broadcast-and-sum, so FLOP counters that price
         # matmuls and convs do not count them as inference work.
-        w_v = self.v.weight.view(self.num_heads, self.head_dim, -1)  # (H, dh, D)
+        w_v = weights.v[0].view(weights.heads, self.head_dim, -1)  # (H, dh, D)
         kernel = (w_v.unsqueeze(0) * heads).sum(1)  # (T, dh, D)
         kernel = kernel.permute(1, 2, 0).reshape(self.head_dim, -1, kernel_size, kernel_size)
-        bias, proj = self._mixed_bias_and_proj(taps.sum(1))
+        bias, proj = self._mixed_bias_and_proj(taps.sum(1), weights)
         return kernel, bias, proj
 
-    def _mixed_bias_and_proj(self, weights: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """v's bias (dh,) and proj's columns (D, dh) mixed over heads with `weights` (H,)."""
-        heads = weights.view(1, self.num_heads, 1)
+    def _mixed_bias_and_proj(
+        self, mix: torch.Tensor, weights: AttentionWeights
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """v's bias (dh,) and proj's columns (D, dh) mixed over heads with `mix` (H,)."""
+        heads = mix.view(1, weights.heads, 1)
+        v_bias = weights.v[1]
         bias = None
-        if self.v.bias is not None:
-            bias = (self.v.bias.view(1, self.num_heads, self.head_dim) * heads).sum(1)[0]  # (dh,)
-        w_proj = self.proj.weight.view(-1, self.num_heads, self.head_dim)  # (D, H, dh)
+        if v_bias is not None:
+            bias = (v_bias.view(1, weights.heads, self.head_dim) * heads).sum(1)[0]  # (dh,)
+        w_proj = weights.proj[0].view(-1, weights.heads, self.head_dim)  # (D, H, dh)
         return bias, (w_proj * heads).sum(1)  # (D, dh)
 
-    def _attention(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, v: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
         B, N, _ = x.shape
-        q, k = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        heads = weights.heads
+        q, k = F.linear(x, *weights.qk).reshape(B, N, 2, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # (B, H, N, dh)
-        v = v.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, dh)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
-        return self.proj_drop(self.proj(out))
+        v = v.reshape(B, N, heads, self.head_dim).transpose(1, 2)  # (B, H, N, dh)
+        out = self._attend(q, k, v).transpose(1, 2).reshape(B, N, heads * self.head_dim)
+        return self.proj_drop(F.linear(out, *weights.proj))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/√dh)·v per head: (B, H, N, dh) from q, k, v (B, H, N, dh)."""
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
 
     def _patch_grid(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -173,7 +228,8 @@ class UnifiedAttention(nn.Module):
     def _project_conv(self, y: torch.Tensor, bn: nn.BatchNorm2d, proj: torch.Tensor) -> torch.Tensor:
         """BN → ReLU → linear(dh → D) on conv output y (B, dh, gh, gw): the patch tokens' update (B, gh·gw, D)."""
         y = self.act(bn(y)).flatten(2).transpose(1, 2)  # (B, gh·gw, dh)
-        return self.proj_drop(F.linear(y, proj, self.proj.bias))  # (B, gh·gw, D)
+        bias = None if self.proj.bias is None else self.proj.bias[: proj.shape[0]]  # slimmed: the first D channels
+        return self.proj_drop(F.linear(y, proj, bias))  # (B, gh·gw, D)
 
     def _with_prefix(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, gh·gw, D) → (B, N, D): prefix tokens get a zero update from conv candidates."""
@@ -181,7 +237,7 @@ class UnifiedAttention(nn.Module):
 
     def _forward_conv(self, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
         grid = self._patch_grid(x).permute(0, 3, 1, 2)  # (B, D, gh, gw)
-        kernel, bias, proj = self.conv_parameters(kernel_size)
+        kernel, bias, proj = self.conv_parameters(kernel_size, int(x.shape[-1]))
         y = F.conv2d(grid, kernel, bias, padding=kernel_size // 2)  # (B, dh, gh, gw)
         return self._with_prefix(self._project_conv(y, self.bn1 if kernel_size == 1 else self.bn3, proj))
 
@@ -198,7 +254,7 @@ class UnifiedAttention(nn.Module):
         for mixer in coefficients:
             with torch.set_grad_enabled(trains[mixer]):
                 if mixer == "msa":
-                    outputs[mixer] = self._attention(x, v if self.v.bias is None else v + self.v.bias)
+                    outputs[mixer] = self._attention(x, v if self.v.bias is None else v + self.v.bias, self.weights())
                 else:
                     outputs[mixer] = self._search_conv(v, CONV_KERNEL_SIZE[mixer])  # patch tokens only
         k = torch.stack([coefficients["bconv1"], coefficients["bconv3"], coefficients["msa"]])
@@ -224,7 +280,7 @@ class UnifiedAttention(nn.Module):
             kernel = s.view(heads, 1, 3, 3).repeat_interleave(dh, dim=0)  # (A, 1, 3, 3): head h's taps
             y = F.conv2d(grid, kernel, padding=1, groups=heads * dh)  # (B, A, gh, gw)
             y = y.view(B, heads, dh, gh, gw).sum(1)  # (B, dh, gh, gw): Σ_p W_p·x over the 3×3 window
-        bias, proj = self._mixed_bias_and_proj(taps.sum(1))
+        bias, proj = self._mixed_bias_and_proj(taps.sum(1), self.weights())
         if bias is not None:
             y = y + bias.view(1, dh, 1, 1)
         return self._project_conv(y, self.bn1 if kernel_size == 1 else self.bn3, proj)

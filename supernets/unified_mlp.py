@@ -53,11 +53,12 @@ class UnifiedMlp(nn.Module):
         return self.drop2(F.linear(h, self.fc2.weight * self.gates(), self.fc2.bias))
 
     def _forward_kept(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        if kept.numel() == self.hidden_features:
+        dim = int(x.shape[-1])  # slimmed tokens (T2T-ViT's width search) use the first `dim` in and out channels
+        if kept.numel() == self.hidden_features and dim == self.fc1.in_features:
             h = self.fc1(x)
-            w2 = self.fc2.weight
+            w2, b2 = self.fc2.weight, self.fc2.bias
         else:  # only the kept units are computed: sliced weights, so the saved work is real
-            h = F.linear(x, self.fc1.weight[kept], None if self.fc1.bias is None else self.fc1.bias[kept])
-            w2 = self.fc2.weight[:, kept]
+            h = F.linear(x, self.fc1.weight[kept, :dim], None if self.fc1.bias is None else self.fc1.bias[kept])
+            w2, b2 = self.fc2.weight[:dim, kept], None if self.fc2.bias is None else self.fc2.bias[:dim]
         h = self.drop1(self.act(h))  # (B, N, kept)
-        return self.drop2(F.linear(h, w2, self.fc2.bias))
+        return self.drop2(F.linear(h, w2, b2))

@@ -47,6 +47,19 @@ def unsupported_features(model: nn.Module) -> list[str]:
     return reasons
 
 
+def check_input_size(x: torch.Tensor, name: str, img_size: int) -> None:
+    """Raise a `ValueError` unless x (B, C, H, W) holds img_size × img_size images: the conv candidates work on
+    a fixed token grid, even where timm allows dynamic sizes."""
+    if x.shape[-2:] != (img_size, img_size):
+        raise ValueError(f"'{name}' takes {img_size}x{img_size} images, got {x.shape[-2]}x{x.shape[-1]}")
+
+
+def input_channels(model: nn.Module) -> int:
+    """The image channels a supernet or subnet takes: its `in_chans` where it has one (T2T-ViT, which has no
+    patch embedding), else its patch embedding's."""
+    return model.in_chans if hasattr(model, "in_chans") else model.patch_embed.proj.in_channels
+
+
 class SuperBlock(nn.Module):
     """timm's pre-norm `Block` with a unified MSA and a gated MLP."""
 
@@ -72,18 +85,22 @@ class SuperBlock(nn.Module):
             x = x + self.drop_path1(self.mixer_branch(x))
         return x + self.drop_path2(self.mlp_branch(x))
 
-    def mixer_parameters(self, mixer: str) -> list[nn.Parameter]:
-        """The parameters a subnet needs for `mixer` in this block's mixer branch."""
+    def mixer_parameters(self, mixer: str, dim: int | None = None) -> list[torch.Tensor]:
+        """The parameters a subnet needs for `mixer` in this block's mixer branch, for tokens of width `dim`
+        (default: the full width; slimmed tokens use slices, e.g. the norm's first `dim` channels)."""
         if mixer == "skip":
             return []
-        return [*self.norm1.parameters(), *self.ls1.parameters(), *self.attn.parameters_for(mixer)]
+        per_channel = [p[:dim] for p in (*self.norm1.parameters(), *self.ls1.parameters())]
+        return [*per_channel, *self.attn.parameters_for(mixer, dim)]
 
-    def mlp_parameter_counts(self) -> tuple[int, int]:
-        """(parameters of the MLP branch that every width needs, parameters per kept hidden unit)."""
+    def mlp_parameter_counts(self, dim: int | None = None) -> tuple[int, int]:
+        """(parameters of the MLP branch that every number of kept units needs, parameters per kept hidden unit),
+        for tokens of width `dim` (default: the full width)."""
         mlp = self.mlp
-        fixed = [*self.norm2.parameters(), *self.ls2.parameters()]
-        fixed_count = sum(p.numel() for p in fixed) + (mlp.fc2.bias.numel() if mlp.fc2.bias is not None else 0)
-        per_unit = mlp.fc1.in_features + (mlp.fc1.bias is not None) + mlp.fc2.out_features
+        dim = dim or mlp.fc1.in_features
+        per_channel = [*self.norm2.parameters(), *self.ls2.parameters()]  # and fc2's bias
+        fixed_count = sum(p[:dim].numel() for p in per_channel) + (0 if mlp.fc2.bias is None else dim)
+        per_unit = dim + (mlp.fc1.bias is not None) + dim  # a row of fc1, its bias, a column of fc2
         return fixed_count, per_unit
 
 
@@ -125,11 +142,7 @@ class ViTStemAndHead(nn.Module):
         return self.pos_drop(torch.cat([*prefix, x], dim=1) + self.pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            # The conv candidates work on a fixed token grid, even where timm allows dynamic sizes.
-            raise ValueError(
-                f"'{self.name}' takes {self.img_size}x{self.img_size} images, got {x.shape[-2]}x{x.shape[-1]}"
-            )
+        check_input_size(x, self.name, self.img_size)
         x = self.patch_embed(x).flatten(1, -2)  # (B, gh·gw, D); dynamic-size models return (B, gh, gw, D)
         x = self.norm_pre(self._pos_embed(x))  # (B, N, D)
         return self.norm(self.blocks(x))
@@ -142,20 +155,19 @@ class ViTStemAndHead(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-class VisionTransformerSupernet(ViTStemAndHead):
-    def __init__(
-        self,
-        vit: VisionTransformer,
-        name: str,
-        model_kwargs: dict[str, Any] | None = None,
-        gates: GateConfig = GateConfig(),
-    ) -> None:
-        super().__init__()
-        self.adopt_stem_and_head(vit, name)
-        self.model_kwargs = dict(model_kwargs or {})
-        self.gate_config = gates
-        self.blocks = nn.Sequential(*[SuperBlock(b, self.grid_size, self.num_prefix_tokens, gates) for b in vit.blocks])
-        self._fixed: Architecture | None = None
+class Supernet(nn.Module):
+    """The search space as the search loop, lookup table, projection, Optuna search and exporter see it, shared by
+    every family: `blocks` of `SuperBlock`s (a unified MSA `attn`, a gated MLP `mlp`, `mixer_branch` and
+    `mlp_branch`), the model's identity, and `patch_embed.proj` (or `in_chans`, see `input_channels`) for the
+    image's channels. A family adds its stem and head and sets the attributes below in its `__init__`."""
+
+    name: str
+    img_size: int
+    num_classes: int
+    model_kwargs: dict[str, Any]
+    gate_config: GateConfig
+    blocks: nn.Sequential
+    _fixed: Architecture | None
 
     @property
     def depth(self) -> int:
@@ -223,3 +235,19 @@ class VisionTransformerSupernet(ViTStemAndHead):
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gate logits, which train with their own optimizer and no weight decay."""
         return [m.logits for m in self.modules() if isinstance(m, BinaryGates)]
+
+
+class VisionTransformerSupernet(ViTStemAndHead, Supernet):
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        name: str,
+        model_kwargs: dict[str, Any] | None = None,
+        gates: GateConfig = GateConfig(),
+    ) -> None:
+        super().__init__()
+        self.adopt_stem_and_head(vit, name)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.gate_config = gates
+        self.blocks = nn.Sequential(*[SuperBlock(b, self.grid_size, self.num_prefix_tokens, gates) for b in vit.blocks])
+        self._fixed = None

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from supernets import MIXERS, Architecture, BlockChoice
 
 TINY = dict(img_size=32, patch_size=4, num_classes=10)
+
+
+def write_image_folder(folder: Path, counts: dict[str, int], size: tuple[int, int] = (20, 24)) -> Path:
+    """`counts[c]` small RGB PNGs, each a different flat colour, in folder/c/: an image-folder dataset."""
+    for c, count in counts.items():
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            colour = (40 * i % 256, 60 * len(c) % 256, 200)
+            Image.new("RGB", size, colour).save(folder / c / f"{i}.png")
+    return folder
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:

@@ -22,7 +22,7 @@ def test_budget_parsing(text, macs):
     [
         ("3.2Q", "malformed"),
         ("fast", "malformed"),
-        ("-1G", "malformed"),
+        ("-1G", "must be positive"),
         ("0x", "must be positive"),
         ("0G", "must be positive"),
     ],

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
+from helpers import write_image_folder
 from torch.utils.data import Subset
 
 from spvit_search.data import (
@@ -21,14 +19,7 @@ from spvit_search.data import (
     num_classes_of,
 )
 
-
-def _write_images(folder: Path, counts: dict[str, int], size: tuple[int, int] = (20, 24)) -> None:
-    """`counts[c]` small RGB PNGs, each a different flat colour, in folder/c/."""
-    for c, count in counts.items():
-        (folder / c).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            colour = (40 * i % 256, 60 * len(c) % 256, 200)
-            Image.new("RGB", size, colour).save(folder / c / f"{i}.png")
+_write_images = write_image_folder
 
 
 def _targets(loader) -> list[int]:

@@ -105,7 +105,8 @@ def test_optuna_report_and_comparison(search_run, optuna_run, tmp_path):
     for run in (search_run, optuna_run):
         summary = json.loads((run / "summary.json").read_text())
         row = comparison.loc[next(label for label in comparison.index if label.endswith(run.name))]
-        assert row.macs == summary["macs"] == LookupTable.load(run / "lut.csv").flops(Architecture.load(run / "arch.json"))
+        lut = LookupTable.load(run / "lut.csv")
+        assert row.macs == summary["macs"] == lut.flops(Architecture.load(run / "arch.json"))
     (caption,) = [c for c in report.tables if "study" in c and c.endswith("architecture")]
     check_against_lookup_table(
         report.tables[caption], Architecture.load(optuna_run / "arch.json"), LookupTable.load(optuna_run / "lut.csv")

@@ -11,7 +11,6 @@ from helpers import randomize_
 from timm.models.vision_transformer import Block
 
 from lookup_tables.counting import count_macs
-from supernets import build_supernet, check_model_name
 from supernets.t2t_vit import (
     PerformerTokenLayer,
     T2TViT,
@@ -128,14 +127,6 @@ def test_pretrained_is_a_clear_error():
 def test_unknown_token_layer_is_a_clear_error():
     with pytest.raises(ValueError, match="token_layer"):
         T2TViT(**TINY_T2T, token_layer="convolution")
-
-
-@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
-def test_cannot_be_searched_yet(name):
-    with pytest.raises(ValueError, match=rf"'{name}' cannot be searched: model class T2TViT"):
-        check_model_name(name)
-    with pytest.raises(ValueError, match="cannot be searched"):
-        build_supernet(name, img_size=32, num_classes=10)
 
 
 def test_position_table_is_the_interleaved_sinusoid():

@@ -1,0 +1,97 @@
+"""`CaitSubnet`, a CaiT exported for one `Architecture`: timm's stem, class-attention blocks and head around
+self-attention blocks that hold the chosen mixers and pruned MLPs, with no LayerScale left.
+
+Each SA branch of CaiT ends in a linear layer (the attention's or bconv's projection, the MLP's fc2) followed by
+LayerScale, γ·(W·h + b) = (γ·W)·h + γ·b; export folds γ into that layer's weight and bias, so the blocks here
+have no layer scales. It lives apart from `cait` because it builds on `subnet` and the registry, which imports
+`cait`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.models.cait import LayerScaleBlock, TalkingHeadAttn
+from torch import nn
+
+from .architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
+from .cait import CaitStemAndHead, talking_heads_attention
+from .subnet import BottleneckConv, PlainAttention, PrunedMlp, Subnet
+
+
+class TalkingHeadsAttention(PlainAttention):
+    """Talking-heads self-attention (the msa choice of a CaiT block): timm's `TalkingHeadAttn`, laid out as
+    `PlainAttention` (a fused qkv projection) plus the head-mixing layers proj_l and proj_w."""
+
+    def __init__(self, dim: int, num_heads: int, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.proj_l = nn.Linear(num_heads, num_heads)  # mixes the heads' attention logits
+        self.proj_w = nn.Linear(num_heads, num_heads)  # mixes the heads' attention weights
+
+    @classmethod
+    def from_timm(cls, attn: TalkingHeadAttn) -> TalkingHeadsAttention:
+        return cls(
+            attn.qkv.in_features,
+            attn.num_heads,
+            qkv_bias=attn.qkv.bias is not None,
+            proj_bias=attn.proj.bias is not None,
+            attn_drop=attn.attn_drop.p,
+            proj_drop=attn.proj_drop.p,
+        )
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return talking_heads_attention(q, k, v, self.proj_l, self.proj_w, self.attn_drop, self.training)
+
+
+class CaitSubnetBlock(nn.Module):
+    """CaiT's `LayerScaleBlock` for one `BlockChoice`, its layer scales folded into the branches' last linear
+    layers: talking-heads attention (msa), a bottleneck conv over all tokens (bconv1, bconv3) or no mixer branch
+    at all (skip), and a pruned MLP. Takes over `block`'s norms and drop path (pass a model built for the purpose)."""
+
+    def __init__(self, block: LayerScaleBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool) -> None:
+        super().__init__()
+        attn = block.attn
+        self.mixer: nn.Module | None = None
+        if choice.mixer == "msa":
+            self.mixer = TalkingHeadsAttention.from_timm(attn)
+        elif choice.mixer != "skip":
+            dim = attn.qkv.in_features
+            self.mixer = BottleneckConv(
+                dim,
+                dim // attn.num_heads,
+                CONV_KERNEL_SIZE[choice.mixer],
+                grid_size,
+                num_prefix_tokens=0,
+                conv_bias=attn.qkv.bias is not None,
+                proj_bias=attn.proj.bias is not None,
+                proj_drop=attn.proj_drop.p,
+                fold_bn=fold_bn,
+            )
+        if self.mixer is not None:
+            self.norm1, self.drop_path1 = block.norm1, block.drop_path
+        self.norm2, self.drop_path2 = block.norm2, block.drop_path
+        self.mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, D), patch tokens only
+        if self.mixer is not None:
+            x = x + self.drop_path1(self.mixer(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class CaitSubnet(CaitStemAndHead, Subnet):
+    """The exported CaiT: timm's stem, class token, class-attention blocks and head around the SA blocks of one
+    `Architecture`. The timm model `arch.model` is created for its structure (`Subnet.create_source`)."""
+
+    family = "cait"
+
+    def __init__(self, arch: Architecture, model_kwargs: dict[str, Any] | None = None, fold_bn: bool = False) -> None:
+        super().__init__()
+        cait = self.create_source(arch, model_kwargs, fold_bn)
+        self.adopt_stem_and_head(cait, arch.model)
+        self.blocks = nn.Sequential(
+            *[
+                CaitSubnetBlock(block, choice, self.grid_size, fold_bn)
+                for block, choice in zip(cait.blocks, arch.blocks, strict=True)
+            ]
+        )
