@@ -8,10 +8,11 @@ per-block rows of `architecture_table` and its `fixed` row therefore gives exact
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from .run_files import ArchSpec, warn
 LUT_FORMAT = "spvit-search lookup table"
 LUT_VERSION = 1
 LUT_COLUMNS = ("block", "item", "choice", "macs", "params", "units")
+WIDTH = "width"  # the optional column of a table that prices several embedding widths (T2T-ViT)
+CHOICES = "discrete_choices"  # the header field of such a table: its depths, widths and head counts
+REMOVED = "removed"  # the "mixer" of a block past a shallower architecture's depth
 # Mixers by cost, as `supernets.MIXERS` orders them (reports may not import supernets); the dense model's
 # blocks all use the last one.
 MIXER_ORDER = ("skip", "bconv1", "bconv3", "msa")
@@ -37,28 +41,44 @@ def kernel_size(mixer: str) -> int | None:
 
 @dataclass(frozen=True)
 class CostTable:
-    meta: dict[str, Any]  # model, img_size, num_classes, model_kwargs, convention
+    """The costs at one embedding width: the full one, with every narrower width a table of its own in `narrower`
+    (for a family that searches its width, T2T-ViT; empty otherwise)."""
+
+    meta: dict[str, Any]  # model, img_size, num_classes, model_kwargs, convention (, discrete_choices)
     fixed: pd.DataFrame  # one row per fixed part, indexed by its name: macs, params
     mixers: pd.DataFrame  # indexed by (block, mixer): macs, params
     mlp: pd.DataFrame  # indexed by block: fixed_macs, fixed_params, unit_macs, unit_params, hidden
+    width: int = 0  # the embedding width these rows price; 0 in a table of a single width
+    narrower: dict[int, CostTable] = field(default_factory=dict)
 
     @property
     def depth(self) -> int:
         return len(self.mlp)
 
+    def at_width(self, width: int | None) -> CostTable:
+        """The table of embedding width `width` (None: this one)."""
+        if width is None or width == self.width:
+            return self
+        if width not in self.narrower:
+            priced = ", ".join(map(str, sorted([*self.narrower, self.width])))
+            raise ValueError(f"embed_dim: the architecture has {width}, the table prices {priced}")
+        return self.narrower[width]
+
     def check(self, arch: ArchSpec) -> None:
         """Raise `ValueError` naming the field if `arch` is not in this table's search space."""
-        for field in ("model", "img_size", "num_classes"):
-            if getattr(arch, field) != self.meta.get(field):
+        for name in ("model", "img_size", "num_classes"):
+            if getattr(arch, name) != self.meta.get(name):
                 raise ValueError(
-                    f"the architecture has {field}={getattr(arch, field)!r}, the table {self.meta.get(field)!r}"
+                    f"the architecture has {name}={getattr(arch, name)!r}, the table {self.meta.get(name)!r}"
                 )
-        if arch.depth != self.depth:
-            raise ValueError(f"the architecture has {arch.depth} blocks, the table {self.depth}")
+        depths = self.meta.get(CHOICES, {}).get("depth", [self.depth])  # a shallower subnet: the first blocks
+        if arch.depth not in depths:
+            raise ValueError(f"the architecture has {arch.depth} blocks, the table {' or '.join(map(str, depths))}")
+        table = self.at_width(arch.embed_dim)
         for block, (mixer, kept) in enumerate(zip(arch.mixers, arch.mlp_kept, strict=True)):
-            if (block, mixer) not in self.mixers.index:
+            if (block, mixer) not in table.mixers.index:
                 raise ValueError(f"blocks[{block}].mixer: the table has no cost for '{mixer}'")
-            hidden = self.mlp.hidden[block]
+            hidden = table.mlp.hidden[block]
             if kept and (min(kept) < 0 or max(kept) >= hidden or len(set(kept)) != len(kept)):
                 raise ValueError(f"blocks[{block}].mlp_kept: indices must be distinct and in [0, {hidden})")
 
@@ -82,10 +102,18 @@ def parse_cost_table(text: str) -> CostTable:
     missing = [c for c in LUT_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"no column {', '.join(missing)}")
-    for column in ("block", "macs", "params", "units"):
+    if WIDTH not in frame.columns:
+        frame[WIDTH] = 0
+    for column in ("block", "macs", "params", "units", WIDTH):
         frame[column] = pd.to_numeric(frame[column], errors="raise").astype("int64")
     frame["item"] = frame["item"].astype(str)
     frame["choice"] = frame["choice"].astype(str)
+    *narrower, full = sorted(set(frame[WIDTH]))
+    tables = {w: _table_at_width(meta, frame[frame[WIDTH] == w], w) for w in narrower}
+    return dataclasses.replace(_table_at_width(meta, frame[frame[WIDTH] == full], full), narrower=tables)
+
+
+def _table_at_width(meta: dict[str, Any], frame: pd.DataFrame, width: int) -> CostTable:
     blocks = frame[frame.block >= 0]
     mixers = blocks[blocks.item == "mixer"].set_index(["block", "choice"])[["macs", "params"]].sort_index()
     mixers.index.names = ["block", "mixer"]
@@ -107,7 +135,7 @@ def parse_cost_table(text: str) -> CostTable:
         }
     )
     fixed = frame[frame.block == -1].set_index("choice")[["macs", "params"]]
-    return CostTable(meta, fixed, mixers, mlp)
+    return CostTable(meta, fixed, mixers, mlp, width)
 
 
 def read_cost_table(path: Path, warnings: list[str]) -> CostTable | None:
@@ -133,19 +161,26 @@ def block_costs_dense(table: CostTable) -> pd.DataFrame:
 
 
 def block_costs(arch: ArchSpec, table: CostTable) -> pd.DataFrame:
-    """Per block: the choice, and the MACs and params of mixer and MLP, dense (`dense_*`) and as chosen.
+    """Per block of the dense model: the choice, and the MACs and params of mixer and MLP, dense (`dense_*`) and
+    as chosen (at the architecture's width). Blocks past a shallower architecture's depth are `removed`.
 
     Raises `ValueError` if `arch` does not fit the table.
     """
     table.check(arch)
     dense = block_costs_dense(table)
-    chosen = table.mixers.loc[list(enumerate(arch.mixers))].reset_index(drop=True)
-    kept = pd.Series([len(k) for k in arch.mlp_kept], dtype="int64")
-    mlp = table.mlp.reset_index(drop=True)
+    pruned = table.at_width(arch.embed_dim)
+    removed = table.depth - arch.depth
+    mixers = [*arch.mixers, *[REMOVED] * removed]
+    chosen = pruned.mixers.loc[list(enumerate(arch.mixers))].reset_index(drop=True)
+    chosen = pd.concat([chosen, pd.DataFrame({"macs": [0] * removed, "params": [0] * removed})], ignore_index=True)
+    kept = pd.Series([len(k) for k in arch.mlp_kept] + [0] * removed, dtype="int64")
+    mlp = pruned.mlp.reset_index(drop=True)
+    mlp = pd.concat([mlp.iloc[: arch.depth], mlp.iloc[arch.depth :].assign(fixed_macs=0, fixed_params=0)])
+    mlp = mlp.assign(hidden=table.mlp.hidden.to_numpy())  # each block's dense width, removed blocks included
     costs = pd.DataFrame(
         {
-            "mixer": list(arch.mixers),
-            "kernel": pd.array([kernel_size(m) for m in arch.mixers], dtype="Int64"),
+            "mixer": mixers,
+            "kernel": pd.array([kernel_size(m) for m in mixers], dtype="Int64"),
             "mlp_kept": kept,
             "mlp_total": mlp.hidden,
             "mlp_ratio": kept / mlp.hidden,
@@ -197,9 +232,14 @@ def architecture_table(arch: ArchSpec, table: CostTable | None) -> pd.DataFrame:
         dense_params=costs.dense_mixer_params + costs.dense_mlp_params,
         params=costs.mixer_params + costs.mlp_params,
     )
-    fixed_macs, fixed_params = int(table.fixed.macs.sum()), int(table.fixed.params.sum())
+    pruned = table.at_width(arch.embed_dim)
     fixed = pd.DataFrame(
-        {"dense_macs": fixed_macs, "macs": fixed_macs, "dense_params": fixed_params, "params": fixed_params},
+        {
+            "dense_macs": int(table.fixed.macs.sum()),
+            "macs": int(pruned.fixed.macs.sum()),
+            "dense_params": int(table.fixed.params.sum()),
+            "params": int(pruned.fixed.params.sum()),
+        },
         index=["fixed"],
     )
     counts = ["mlp_kept", "mlp_total", "dense_macs", "macs", "dense_params", "params"]

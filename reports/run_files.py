@@ -31,6 +31,7 @@ class ArchSpec:
     num_classes: int
     mixers: tuple[str, ...]
     mlp_kept: tuple[tuple[int, ...], ...]  # per block, the kept hidden-unit indices
+    embed_dim: int | None = None  # the width used, for a family that searches it (T2T-ViT); None: the only one
 
     @property
     def depth(self) -> int:
@@ -54,7 +55,11 @@ class ArchSpec:
                 _check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
             mixers.append(block["mixer"])
             kept.append(tuple(block["mlp_kept"]))
-        return cls(data["model"], data["img_size"], data["num_classes"], tuple(mixers), tuple(kept))
+        if data.get("embed_dim") is not None:
+            _check_type("embed_dim", data["embed_dim"], int)
+        return cls(
+            data["model"], data["img_size"], data["num_classes"], tuple(mixers), tuple(kept), data.get("embed_dim")
+        )
 
 
 def _check_type(field: str, value: Any, kind: type) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lookup_tables import LookupTable
+from lookup_tables import LookupTable, build_lookup_table
 from reports import write_report
 from spvit_search.cli import main
-from supernets import Architecture, BlockChoice
+from supernets import Architecture, BlockChoice, build_supernet
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -162,3 +162,27 @@ def test_report_refusals(search_run, tmp_path, capsys):
     assert main(["report", str(search_run), "--out", str(out)]) == 0
     assert not (out / "stale.png").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_t2t_report_prices_a_shallower_narrower_subnet(tmp_path):
+    """A table priced at several widths: the pruned columns at the architecture's width, the dense ones at the
+    full width, and the blocks past its depth shown as removed."""
+    net = build_supernet("t2t_vit_7", img_size=32, num_classes=10, embed_dim=64, depth=3)
+    lut = build_lookup_table(net)
+    run = tmp_path / "run"
+    run.mkdir()
+    lut.save(run / "lut.csv")
+    heads = 2
+    blocks = (BlockChoice("bconv3", tuple(range(0, 128, 3))), BlockChoice("msa", tuple(range(40))))
+    arch = Architecture(net.name, 32, 10, blocks, embed_dim=heads * net.head_dim, num_heads=heads)
+    arch.save(run / "arch.json")
+    (run / "config.json").write_text(json.dumps({"model": net.name, "target": "0.4x"}))
+
+    report = write_report([run], tmp_path / "report")
+    assert not [w for w in report.warnings if "lut.csv" in w or "does not fit" in w], report.warnings
+    frame = report.tables["run: architecture"]
+    assert frame.loc["2", "mixer"] == "removed" and frame.loc["2", "macs"] == 0
+    assert frame.loc["total", "macs"] == lut.flops(arch)
+    assert frame.loc["total", "params"] == lut.params(arch)
+    assert frame.loc["total", "dense_macs"] == lut.dense_flops()
+    assert frame.loc["total", "dense_params"] == lut.params(net.dense_architecture())
