@@ -7,6 +7,12 @@ A supernet with depth and width choices (T2T-ViT) is priced at each embedding wi
 column names the width of a row (0 in a table of one width, and in tables written before the column was),
 and a subnet of depth d costs the fixed part plus its first d blocks at its width. The header then records
 the supernet's `discrete_choices` (depths, widths, head counts).
+
+A block applied several times per forward (SReT's recursion) costs the sum of its applications. SReT's group
+splits change the msa candidate's attention matmuls (÷G), so a block's msa is also priced per pass and group
+count: `msa_groups` rows, whose choice `groups[s][p]=G` names the entry of `Architecture.groups` they price.
+An architecture with groups costs, per msa block, the sum of its passes' rows at its group counts; the `msa`
+mixer row, the same sum at the supernet's own group counts, is what the gradient search prices.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,10 +48,13 @@ _META_FIELDS = ("model", "img_size", "num_classes", "model_kwargs", "convention"
 _META_TYPES = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "convention": str}
 CHOICES = "discrete_choices"  # the optional header field of a supernet with depth and width choices
 WIDTH = "width"  # the optional column: the embedding width a row prices (0: the supernet's only one)
+MSA_GROUPS = "msa_groups"  # the `item` of a row that prices one pass of a block's msa at one group count (SReT)
+_GROUP_CHOICE = re.compile(r"groups\[(\d+)\]\[(\d+)\]=(\d+)")  # an msa_groups row's `choice`: stage, pass, G
 
 
 class LookupTable:
-    """One row per block and choice (`item` mixer / mlp_fixed / mlp_unit) plus the fixed costs, per width.
+    """One row per block and choice (`item` mixer / mlp_fixed / mlp_unit, and msa_groups for SReT) plus the fixed
+    costs, per width.
 
     `units` is the MLP hidden size on `mlp_unit` rows; block -1 holds the fixed costs, one row per part.
     The arrays below (what the gates' search prices) are those of the full width; a narrower width's are a
@@ -86,6 +96,14 @@ class LookupTable:
         self.mlp_unit_macs = mlp_unit.macs.to_numpy(np.int64)
         self.mlp_unit_params = mlp_unit.params.to_numpy(np.int64)
         self.mlp_hidden = mlp_unit.units.to_numpy(np.int64)
+        # SReT: per block, {(stage, pass): {G: MACs of that pass's msa with G groups}}; empty for other families.
+        self.msa_by_groups: dict[int, dict[tuple[int, int], dict[int, int]]] = {}
+        for row in blocks[blocks.item == MSA_GROUPS].itertuples():
+            match = _GROUP_CHOICE.fullmatch(row.choice)
+            if match is None:
+                raise ValueError(f"block {row.block}: {MSA_GROUPS} choice '{row.choice}' is not groups[s][p]=G")
+            stage, step, groups = map(int, match.groups())
+            self.msa_by_groups.setdefault(int(row.block), {}).setdefault((stage, step), {})[groups] = int(row.macs)
         narrower = {w: LookupTable(self.meta, self._frame[self._frame[WIDTH] == w]) for w in widths[:-1]}
         self._by_width = narrower | {widths[-1]: self}
 
@@ -134,7 +152,7 @@ class LookupTable:
         self.check(arch)
         table, mixers, units = self._choices(arch)
         d = arch.depth
-        per_block = table.mixer_macs[np.arange(d), mixers] + table.mlp_fixed_macs[:d] + table.mlp_unit_macs[:d] * units
+        per_block = table._mixer_macs(arch, mixers) + table.mlp_fixed_macs[:d] + table.mlp_unit_macs[:d] * units
         return table.fixed_macs + int(per_block.sum())
 
     def params(self, arch: Architecture) -> int:
@@ -148,16 +166,22 @@ class LookupTable:
         return table.fixed_params + int(per_block.sum())
 
     def range(self, full_size: bool = False) -> tuple[int, int]:
-        """(min, max) MACs over the whole search space: every depth and width the supernet offers, every mixer
-        and MLP width. `full_size` keeps to its full depth and width, all that its gates choose between."""
+        """(min, max) MACs over the whole search space: every depth, width and group split the supernet offers,
+        every mixer and MLP width. `full_size` keeps to its full depth and width and its own group splits, all that
+        its gates choose between."""
         depths = [self.depth] if full_size else self.meta.get(CHOICES, {}).get("depth", [self.depth])
         tables = [self] if full_size else self._by_width.values()
-        # The cheapest subnet of depth d at a width: every mixer at its cheapest, every MLP empty.
+        # The cheapest subnet of depth d at a width: every mixer at its cheapest, every MLP empty. (Skip costs
+        # nothing, so the group splits do not change it.)
         low = min(
             t.fixed_macs + int((t.mlp_fixed_macs + t.mixer_macs.min(axis=1))[:d].sum()) for t in tables for d in depths
         )
+        mixer_max = self.mixer_macs.max(axis=1)
+        if not full_size:  # msa at its dearest group splits, every pass at its fewest groups
+            for block, passes in self.msa_by_groups.items():
+                mixer_max[block] = max(mixer_max[block], sum(max(by_g.values()) for by_g in passes.values()))
         base = self.fixed_macs + int(self.mlp_fixed_macs.sum())
-        high = base + int(self.mixer_macs.max(axis=1).sum() + (self.mlp_unit_macs * self.mlp_hidden).sum())
+        high = base + int(mixer_max.sum() + (self.mlp_unit_macs * self.mlp_hidden).sum())
         return low, high
 
     def dense_flops(self) -> int:
@@ -165,6 +189,17 @@ class LookupTable:
         msa = MIXERS.index("msa")
         per_block = self.mixer_macs[:, msa] + self.mlp_fixed_macs + self.mlp_unit_macs * self.mlp_hidden
         return self.fixed_macs + int(per_block.sum())
+
+    def _mixer_macs(self, arch: Architecture, mixers: np.ndarray) -> np.ndarray:
+        """Per block, the MACs of its mixer (indices into MIXERS); an msa block at the architecture's group splits."""
+        macs = self.mixer_macs[np.arange(arch.depth), mixers]
+        if arch.groups is None:
+            return macs
+        msa = MIXERS.index("msa")
+        for block in np.flatnonzero(mixers == msa):
+            passes = self.msa_by_groups[int(block)]
+            macs[block] = sum(by_g[arch.groups[s][p]] for (s, p), by_g in passes.items())
+        return macs
 
     def _choices(self, arch: Architecture) -> tuple[LookupTable, np.ndarray, np.ndarray]:
         """The table of `arch`'s width, and per block its mixer's index and its number of kept hidden units."""
@@ -226,6 +261,8 @@ class LookupTable:
                 raise ValueError("costs must not be negative")
             if not table.depth == len(table.mixer_macs) == len(table.mlp_fixed_macs) == len(table.mlp_hidden):
                 raise ValueError(f"every one of the {table.depth} blocks needs its mixer, mlp_fixed and mlp_unit rows")
+            if "groups" in meta.get(CHOICES, {}) and sorted(table.msa_by_groups) != list(range(table.depth)):
+                raise ValueError(f"every one of the {table.depth} blocks needs its {MSA_GROUPS} rows")
             return table
         except (ValueError, KeyError, TypeError, json.JSONDecodeError, pd.errors.ParserError) as e:
             raise ValueError(f"{path} is not a valid lookup table: {e}") from None
@@ -261,16 +298,21 @@ def _measured_rows(net: nn.Module, convention: str, embed_dim: int) -> list[dict
         rows = fixed_rows(net, by_child)  # with `smallest` fixed: the parts outside the blocks at its width
         for i, (block, shape) in enumerate(zip(net.blocks, block_inputs, strict=True)):
             x = torch.zeros(shape)
+            passes = net.block_passes(i)  # each application of the block costs its own
+            mixer_macs: dict[str, int] = {}
             for mixer in MIXERS:
                 block.attn.fixed_mixer = mixer
-                macs = 0 if mixer == "skip" else _measure(_Branch(block, "mixer_branch"), x, convention)
+                branches = [] if mixer == "skip" else [_Branch(block, "mixer_branch", kw) for kw in passes]
+                mixer_macs[mixer] = sum(_measure(branch, x, convention) for branch in branches)
                 params = sum(p.numel() for p in block.mixer_parameters(mixer, x.shape[-1]))
-                rows.append(dict(block=i, item="mixer", choice=mixer, macs=macs, params=params))
+                rows.append(dict(block=i, item="mixer", choice=mixer, macs=mixer_macs[mixer], params=params))
+            rows += _msa_group_rows(net, i, x, convention, mixer_macs["msa"])
             hidden = block.mlp.hidden_features
             mlp_at = {}
             for width in (0, 1, hidden):
                 block.mlp.fixed_kept = torch.arange(width)
-                mlp_at[width] = _measure(_Branch(block, "mlp_branch"), x, convention)
+                # The MLP branch takes nothing from the pass: every application costs the same.
+                mlp_at[width] = len(passes) * _measure(_Branch(block, "mlp_branch"), x, convention)
             per_unit = mlp_at[1] - mlp_at[0]
             if mlp_at[hidden] != mlp_at[0] + hidden * per_unit:
                 raise RuntimeError(f"block {i}: MLP MACs are not linear in the kept width: {mlp_at}")
@@ -283,16 +325,37 @@ def _measured_rows(net: nn.Module, convention: str, embed_dim: int) -> list[dict
     return rows
 
 
-class _Branch(nn.Module):
-    """One branch of a block as a module of its own, so fvcore can trace it alone."""
+def _msa_group_rows(net: nn.Module, i: int, x: torch.Tensor, convention: str, msa_macs: int) -> list[dict[str, Any]]:
+    """SReT: the `msa_groups` rows of block i (input x), its msa on each pass at every group count the pass offers;
+    none for a supernet without group choices. `msa_macs`, the block's msa row, must be their sum at its groups."""
+    offered = getattr(net, CHOICES)().get("groups") if hasattr(net, CHOICES) else None
+    if offered is None:
+        return []
+    stage, block = net.block_stages[i], net.blocks[i]
+    block.attn.fixed_mixer = "msa"
+    rows, own = [], 0
+    for step, (options, kw) in enumerate(zip(offered[stage], net.block_passes(i), strict=True)):
+        for groups in options:
+            macs = _measure(_Branch(block, "mixer_branch", kw | {"groups": groups}), x, convention)
+            rows.append(dict(block=i, item=MSA_GROUPS, choice=f"groups[{stage}][{step}]={groups}", macs=macs, params=0))
+            own += macs if groups == kw["groups"] else 0
+    if own != msa_macs:
+        raise RuntimeError(f"block {i}: msa costs {msa_macs} MACs, but its passes {own} at the same group counts")
+    return rows
 
-    def __init__(self, block: nn.Module, branch: str) -> None:
+
+class _Branch(nn.Module):
+    """One branch of a block as a module of its own, with the keyword arguments of one pass, so fvcore can trace it
+    alone."""
+
+    def __init__(self, block: nn.Module, branch: str, kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.block = block
         self.branch = branch
+        self.kwargs = kwargs or {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self.block, self.branch)(x)
+        return getattr(self.block, self.branch)(x, **self.kwargs)
 
 
 def _measure(module: nn.Module, x: torch.Tensor, convention: str) -> int:
@@ -305,16 +368,21 @@ def _image(net: nn.Module) -> torch.Tensor:
 
 
 def _block_input_shapes(net: nn.Module, arch: Architecture) -> list[tuple[int, ...]]:
-    """The token tensor shape each block sees for one image with `arch` fixed, recorded from a real forward."""
-    shapes: list[tuple[int, ...]] = []
-    hooks = [b.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape))) for b in net.blocks]
+    """The token tensor shape each block sees for one image with `arch` fixed, recorded from a real forward (at its
+    first application: a block applied again, SReT's recursion, sees tokens of the same shape)."""
+    shapes: dict[nn.Module, tuple[int, ...]] = {}
+
+    def record(block: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        shapes.setdefault(block, tuple(args[0].shape))
+
+    hooks = [b.register_forward_pre_hook(record) for b in net.blocks]
     try:
         with _fixed(net, arch), torch.no_grad():
             net(_image(net))
     finally:
         for h in hooks:
             h.remove()
-    return shapes
+    return [shapes[b] for b in net.blocks]
 
 
 def _smallest_architecture(net: nn.Module, embed_dim: int) -> Architecture:

@@ -26,6 +26,8 @@ LUT_COLUMNS = ("block", "item", "choice", "macs", "params", "units")
 WIDTH = "width"  # the optional column of a table that prices several embedding widths (T2T-ViT)
 CHOICES = "discrete_choices"  # the header field of such a table: its depths, widths and head counts
 REMOVED = "removed"  # the "mixer" of a block past a shallower architecture's depth
+MSA_GROUPS = "msa_groups"  # the item of the rows that price one pass of an msa at one group count (SReT)
+_GROUP_CHOICE = re.compile(r"groups\[(\d+)\]\[(\d+)\]=(\d+)")  # their choice: stage, pass, group count
 # Mixers by cost, as `supernets.MIXERS` orders them (reports may not import supernets); the dense model's
 # blocks all use the last one.
 MIXER_ORDER = ("skip", "bconv1", "bconv3", "msa")
@@ -50,6 +52,8 @@ class CostTable:
     mlp: pd.DataFrame  # indexed by block: fixed_macs, fixed_params, unit_macs, unit_params, hidden
     width: int = 0  # the embedding width these rows price; 0 in a table of a single width
     narrower: dict[int, CostTable] = field(default_factory=dict)
+    # SReT: a block's msa per pass and group count (block, stage, step, groups, macs); empty for other families
+    msa_groups: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def depth(self) -> int:
@@ -135,7 +139,17 @@ def _table_at_width(meta: dict[str, Any], frame: pd.DataFrame, width: int) -> Co
         }
     )
     fixed = frame[frame.block == -1].set_index("choice")[["macs", "params"]]
-    return CostTable(meta, fixed, mixers, mlp, width)
+    return CostTable(meta, fixed, mixers, mlp, width, msa_groups=_msa_groups(blocks[blocks.item == MSA_GROUPS]))
+
+
+def _msa_groups(rows: pd.DataFrame) -> pd.DataFrame:
+    parsed = []
+    for row in rows.itertuples():
+        match = _GROUP_CHOICE.fullmatch(row.choice)
+        if match is None:
+            raise ValueError(f"block {row.block}: {MSA_GROUPS} choice '{row.choice}' is not groups[s][p]=G")
+        parsed.append((row.block, *map(int, match.groups()), row.macs))
+    return pd.DataFrame(parsed, columns=["block", "stage", "step", "groups", "macs"])
 
 
 def read_cost_table(path: Path, warnings: list[str]) -> CostTable | None:
@@ -173,6 +187,9 @@ def block_costs(arch: ArchSpec, table: CostTable) -> pd.DataFrame:
     mixers = [*arch.mixers, *[REMOVED] * removed]
     chosen = pruned.mixers.loc[list(enumerate(arch.mixers))].reset_index(drop=True)
     chosen = pd.concat([chosen, pd.DataFrame({"macs": [0] * removed, "params": [0] * removed})], ignore_index=True)
+    if arch.groups is not None and not pruned.msa_groups.empty:
+        chosen["macs"] = [_msa_macs(pruned, i, arch.groups) if m == DENSE_MIXER else macs for i, (m, macs) in
+                          enumerate(zip(mixers, chosen.macs, strict=True))]  # fmt: skip
     kept = pd.Series([len(k) for k in arch.mlp_kept] + [0] * removed, dtype="int64")
     mlp = pruned.mlp.reset_index(drop=True)
     mlp = pd.concat([mlp.iloc[: arch.depth], mlp.iloc[arch.depth :].assign(fixed_macs=0, fixed_params=0)])
@@ -194,6 +211,12 @@ def block_costs(arch: ArchSpec, table: CostTable) -> pd.DataFrame:
         costs[f"dense_{column}"] = dense[column].to_numpy()
     costs.index.name = "block"
     return costs
+
+
+def _msa_macs(table: CostTable, block: int, groups: tuple[tuple[int, ...], ...]) -> int:
+    """Block `block`'s msa summed over its passes, each at the architecture's group count for it."""
+    rows = table.msa_groups[table.msa_groups.block == block]
+    return sum(int(r.macs) for r in rows.itertuples() if groups[r.stage][r.step] == r.groups)
 
 
 ARCHITECTURE_COLUMNS = [

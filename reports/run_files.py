@@ -32,6 +32,7 @@ class ArchSpec:
     mixers: tuple[str, ...]
     mlp_kept: tuple[tuple[int, ...], ...]  # per block, the kept hidden-unit indices
     embed_dim: int | None = None  # the width used, for a family that searches it (T2T-ViT); None: the only one
+    groups: tuple[tuple[int, ...], ...] | None = None  # SReT: the group count per stage and pass
 
     @property
     def depth(self) -> int:
@@ -57,9 +58,18 @@ class ArchSpec:
             kept.append(tuple(block["mlp_kept"]))
         if data.get("embed_dim") is not None:
             _check_type("embed_dim", data["embed_dim"], int)
+        groups = data.get("groups")
+        if groups is not None:
+            _check_type("groups", groups, list)
+            for s, stage in enumerate(groups):
+                _check_type(f"groups[{s}]", stage, list)
+                for p, count in enumerate(stage):
+                    _check_type(f"groups[{s}][{p}]", count, int)
+            groups = tuple(tuple(stage) for stage in groups)
         return cls(
-            data["model"], data["img_size"], data["num_classes"], tuple(mixers), tuple(kept), data.get("embed_dim")
-        )
+            data["model"], data["img_size"], data["num_classes"], tuple(mixers), tuple(kept), data.get("embed_dim"),
+            groups,
+        )  # fmt: skip
 
 
 def _check_type(field: str, value: Any, kind: type) -> None:

@@ -7,6 +7,7 @@ architecture from a finished trial's parameters (`architecture`), so a study sto
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -14,7 +15,7 @@ import numpy as np
 import optuna
 import torch
 
-from supernets import MIXERS, Architecture, BlockChoice, Supernet, T2TViTSupernet
+from supernets import MIXERS, Architecture, BlockChoice, SReTSupernet, Supernet, T2TViTSupernet
 
 DEFAULT_MLP_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
@@ -97,11 +98,39 @@ class T2TSpace(BlockwiseSpace):
         )
 
 
+class SReTSpace(BlockwiseSpace):
+    """`BlockwiseSpace` with SReT's group splits: a trial picks the group count of every stage and pass (`groups.s.p`,
+    any divisor of the stage's token count), then a mixer and an MLP ratio for each distinct block."""
+
+    def __init__(
+        self,
+        net: SReTSupernet,
+        mixers: Sequence[str] = MIXERS,
+        mlp_ratios: Sequence[float] = DEFAULT_MLP_RATIOS,
+    ) -> None:
+        super().__init__(net, mixers, mlp_ratios)
+        offered = net.discrete_choices()["groups"]  # per stage and pass, the group counts
+        self.passes = [len(stage) for stage in offered]
+        self.group_options = {
+            f"groups.{s}.{p}": options for s, stage in enumerate(offered) for p, options in enumerate(stage)
+        }
+
+    def suggest(self, trial: optuna.Trial) -> Architecture:
+        params = {name: trial.suggest_categorical(name, options) for name, options in self.group_options.items()}
+        return self.architecture(params | self._suggest_blocks(trial, self.net.depth))
+
+    def architecture(self, params: dict[str, Any]) -> Architecture:
+        groups = tuple(tuple(params[f"groups.{s}.{p}"] for p in range(n)) for s, n in enumerate(self.passes))
+        return dataclasses.replace(super().architecture(params), groups=groups)
+
+
 def discrete_space(
     net: Supernet, mixers: Sequence[str] = MIXERS, mlp_ratios: Sequence[float] = DEFAULT_MLP_RATIOS
 ) -> BlockwiseSpace:
-    """The Optuna space of `net`'s family: T2T-ViT's adds depth and width to the blockwise choices."""
-    space = T2TSpace if isinstance(net, T2TViTSupernet) else BlockwiseSpace
+    """The Optuna space of `net`'s family: T2T-ViT's adds depth and width to the blockwise choices, SReT's the
+    group splits."""
+    spaces = {T2TViTSupernet: T2TSpace, SReTSupernet: SReTSpace}
+    space = next((s for family, s in spaces.items() if isinstance(net, family)), BlockwiseSpace)
     return space(net, mixers, mlp_ratios)
 
 

@@ -1,12 +1,13 @@
 """Export: from a supernet and an `Architecture` to a plain subnet (`VisionTransformerSubnet`, `CaitSubnet`,
-`T2TViTSubnet`), saved and loaded as data.
+`T2TViTSubnet`, `SReTSubnet`), saved and loaded as data.
 
 `export_subnet` folds the chosen candidates into ordinary layers: msa blocks get qkv rejoined from qk and
 v; bconv blocks get the conv weight, its bias and the projection mixed from v, proj and z
 (`UnifiedAttention.conv_parameters`); MLPs keep only their kept units' rows of fc1 and columns of fc2.
 CaiT's layer scales fold into the linear layer that ends their branch (proj, fc2). A T2T-ViT subnet keeps
 the first `arch.depth` blocks and, of every tensor, the first `arch.embed_dim` channels and `arch.num_heads`
-heads (`UnifiedAttention.weights`, `T2TViTSupernet.stem_and_head_state`).
+heads (`UnifiedAttention.weights`, `T2TViTSupernet.stem_and_head_state`). An SReT subnet keeps its blocks'
+residual scalars (a skip block only the scale of x ← a·x) and runs at `arch.groups`.
 A subnet directory holds `arch.json`, `config.json` and `model.safetensors`; `load_subnet` rebuilds
 the modules from the first two (`family` in the config names the subnet class) and loads the tensors, with
 no supernet and no pickle.
@@ -37,6 +38,8 @@ from supernets.architecture import CONV_KERNEL_SIZE, check_fields, check_type
 from supernets.cait import CaitSuperBlock, CaitSupernet
 from supernets.cait_subnet import CaitSubnet
 from supernets.io import atomic_write_bytes, atomic_write_text, load_state_dict_file
+from supernets.sret_subnet import SReTSubnet
+from supernets.sret_supernet import SReTSuperBlock, SReTSupernet
 from supernets.subnet import Subnet, VisionTransformerSubnet
 from supernets.t2t_subnet import T2TViTSubnet
 from supernets.t2t_supernet import T2TViTSupernet
@@ -68,8 +71,9 @@ _RELEASED_FIELDS = ("model", "mixers", "mlp_hidden", "mlp_kept")
 _SOURCE_FIELDS = ("model", "pretrained", "checkpoint", "img_size", "num_classes", "model_kwargs")
 _SUPERNET_FIELDS = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "gates": dict}
 # One subnet class per family, told apart by config.json's family.
-_SUBNET_CLASSES = (VisionTransformerSubnet, CaitSubnet, T2TViTSubnet)
-_SUBNET_OF = {CaitSupernet: CaitSubnet, T2TViTSupernet: T2TViTSubnet}  # the others: VisionTransformerSubnet
+_SUBNET_CLASSES = (VisionTransformerSubnet, CaitSubnet, T2TViTSubnet, SReTSubnet)
+# The subnet class of each supernet class; any other supernet's is VisionTransformerSubnet.
+_SUBNET_OF = {CaitSupernet: CaitSubnet, T2TViTSupernet: T2TViTSubnet, SReTSupernet: SReTSubnet}
 
 
 # -- export -----------------------------------------------------------------------------------------
@@ -99,6 +103,8 @@ def subnet_state_dict(net: Supernet, arch: Architecture) -> dict[str, torch.Tens
         state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}  # stem, tokens, norm, head
     if isinstance(net, CaitSupernet):
         block_state = _cait_block_state
+    elif isinstance(net, SReTSupernet):
+        block_state = _sret_block_state
     else:  # T2T-ViT at its width; a family without width choices has embed_dim None: its full width
         block_state = functools.partial(_block_state, dim=arch.embed_dim)
     for i, (block, choice) in enumerate(zip(net.blocks[: arch.depth], arch.blocks, strict=True)):
@@ -160,6 +166,18 @@ def _cait_block_state(block: CaitSuperBlock, choice: BlockChoice) -> dict[str, t
         _fold_layer_scale(state, "ls1.gamma", "mixer.proj.")
     _fold_layer_scale(state, "ls2.gamma", "mlp.fc2.")
     return state
+
+
+def _sret_block_state(block: SReTSuperBlock, choice: BlockChoice) -> dict[str, torch.Tensor]:
+    """An SReT block's state: its learnable residual scalars where ViT's has layer scales. A skip block keeps only
+    the first residual's scale a (x ← a·x)."""
+    if choice.mixer == "skip":
+        state = {"residual1.alpha": block.residual1.alpha}
+    else:
+        state = _prefixed("norm1.", block.norm1.state_dict()) | _prefixed("residual1.", block.residual1.state_dict())
+        state |= _prefixed("mixer.", _mixer_state(block.attn, choice.mixer, None))
+    state |= _prefixed("norm2.", block.norm2.state_dict()) | _prefixed("residual2.", block.residual2.state_dict())
+    return state | _prefixed("mlp.", _mlp_state(block.mlp, choice.mlp_kept, None))
 
 
 def _fold_layer_scale(state: dict[str, torch.Tensor], gamma: str, linear: str) -> None:

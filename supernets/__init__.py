@@ -6,6 +6,8 @@ from .cait_subnet import CaitSubnet
 from .gates import BinaryGates, GateConfig
 from .registry import build_supernet, check_model_name, list_supernets
 from .sret import SReT  # importing registers sret_t, sret_lt and sret_s with timm
+from .sret_subnet import SReTSubnet
+from .sret_supernet import SReTSupernet
 from .subnet import Subnet, VisionTransformerSubnet
 from .t2t_subnet import T2TViTSubnet
 from .t2t_supernet import T2TViTSupernet
@@ -17,6 +19,8 @@ from .vit import SuperBlock, Supernet, VisionTransformerSupernet
 __all__ = [
     "MIXERS",
     "SReT",
+    "SReTSubnet",
+    "SReTSupernet",
     "T2TViT",
     "Architecture",
     "BinaryGates",

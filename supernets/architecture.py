@@ -10,8 +10,10 @@ Family fields: a family whose search also chooses dimensions outside the blocks 
 fields (`FAMILY_FIELDS`), present in its architectures and absent from every other's JSON. T2T-ViT adds
 `embed_dim` (the width used) and `num_heads` (the heads of every block): a subnet uses the first
 `embed_dim` channels and the first `num_heads` heads of the supernet. Depth needs no field: it is the
-number of `blocks`, which are the first blocks of the supernet. Which depths and family values a supernet
-offers is its `choices` (see `Architecture.validate_for`).
+number of `blocks`, which are the first blocks of the supernet. SReT adds `groups`, the group count of its
+sliced attention per stage and pass (`[[8, 2], [4, 1], [1, 1]]`); its `blocks` are its distinct blocks,
+each shared by the passes of its stage. Which depths and family values a supernet offers is its `choices`
+(see `Architecture.validate_for`).
 """
 
 from __future__ import annotations
@@ -40,9 +42,25 @@ def _positive_int(field: str, value: Any) -> int:
     return value
 
 
+def _group_counts(field: str, value: Any) -> tuple[tuple[int, ...], ...]:
+    """SReT's group splits: per stage, one positive group count per pass (lists in JSON, tuples once parsed)."""
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"{field}: expected a non-empty list with the group counts of each stage, got {value!r:.40}")
+    stages = []
+    for s, counts in enumerate(value):
+        if not isinstance(counts, list | tuple) or not counts:
+            raise ValueError(f"{field}[{s}]: expected a non-empty list with a group count per pass, got {counts!r:.30}")
+        stages.append(tuple(_positive_int(f"{field}[{s}][{p}]", g) for p, g in enumerate(counts)))
+    return tuple(stages)
+
+
 # The optional family fields, each with the check that turns its JSON value into the field's value (or raises
 # a `ValueError` naming the field). A family adds its own here and as a dataclass field defaulting to None.
-FAMILY_FIELDS: dict[str, Callable[[str, Any], Any]] = {"embed_dim": _positive_int, "num_heads": _positive_int}
+FAMILY_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "embed_dim": _positive_int,
+    "num_heads": _positive_int,
+    "groups": _group_counts,
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,7 @@ class Architecture:
     blocks: tuple[BlockChoice, ...]
     embed_dim: int | None = None  # T2T-ViT: the width used, num_heads × the supernet's head width
     num_heads: int | None = None  # T2T-ViT: the attention heads of every block
+    groups: tuple[tuple[int, ...], ...] | None = None  # SReT: the sliced attention's group count per stage and pass
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -104,7 +123,8 @@ class Architecture:
 
         `mlp_hidden` holds the hidden size of each of the supernet's blocks. `choices` holds the values of
         the discrete dimensions it offers: `depth` (default: exactly its number of blocks) and each family
-        field it has; the family fields it does not list must be absent.
+        field it has; the family fields it does not list must be absent. A nested field (SReT's `groups`) is
+        offered in its own shape, with the list of values offered at each entry.
         """
         choices = choices or {}
         if self.model != model:
@@ -118,11 +138,9 @@ class Architecture:
         for name in FAMILY_FIELDS:
             value, offered = getattr(self, name), choices.get(name)
             if offered is None and value is not None:
-                raise ValueError(f"{name}: '{model}' has no {name} choice, but the architecture sets {value}")
-            if offered is not None and value not in offered:
-                listed = ", ".join(map(str, offered))
-                has = "none" if value is None else value
-                raise ValueError(f"{name}: '{model}' offers {listed}; the architecture has {has}")
+                raise ValueError(f"{name}: '{model}' has no {name} choice, but the architecture sets {_json(value)}")
+            if offered is not None:
+                _check_offered(name, value, offered, model)
         if "depth" not in choices and len(self.blocks) != len(mlp_hidden):
             raise ValueError(f"blocks: architecture has {len(self.blocks)} blocks, '{model}' has {len(mlp_hidden)}")
         if "depth" in choices and len(self.blocks) not in choices["depth"]:
@@ -139,7 +157,7 @@ class Architecture:
             "model": self.model,
             "img_size": self.img_size,
             "num_classes": self.num_classes,
-            **{name: getattr(self, name) for name in FAMILY_FIELDS if getattr(self, name) is not None},
+            **{name: _json(getattr(self, name)) for name in FAMILY_FIELDS if getattr(self, name) is not None},
             "blocks": [{"mixer": b.mixer, "mlp_kept": list(b.mlp_kept)} for b in self.blocks],
         }
 
@@ -191,6 +209,28 @@ class Architecture:
             raise ValueError(f"{path}: architecture is not valid JSON: not UTF-8 text ({e.reason})") from None
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def _json(value: Any) -> Any:
+    """A field's value as JSON data: tuples (SReT's groups) become lists."""
+    return [_json(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _check_offered(field: str, value: Any, offered: Sequence[Any], model: str) -> None:
+    """Raise a `ValueError` naming the field (or its entry) unless `value` is among the values `offered`; a nested
+    value (a tuple) is checked entry by entry against `offered` of the same shape."""
+    nested = bool(offered) and isinstance(offered[0], list | tuple)
+    if value is None:
+        listed = f"a choice for each of {len(offered)} entries" if nested else ", ".join(map(str, offered))
+        raise ValueError(f"{field}: '{model}' offers {listed}; the architecture has none")
+    if nested != isinstance(value, tuple) or (nested and len(value) != len(offered)):
+        entries = f"{len(offered)} entries" if nested else "a single value"
+        raise ValueError(f"{field}: '{model}' offers {entries}; the architecture has {_json(value)}")
+    if nested:
+        for i, (entry, options) in enumerate(zip(value, offered, strict=True)):
+            _check_offered(f"{field}[{i}]", entry, options, model)
+    elif value not in offered:
+        raise ValueError(f"{field}: '{model}' offers {', '.join(map(str, offered))}; the architecture has {value}")
 
 
 def _validate_block(i: int, block: BlockChoice) -> None:

@@ -17,18 +17,21 @@ from torch import nn
 from .cait import CaitSupernet, cait_checkpoint_filter, unsupported_cait_features
 from .gates import GateConfig
 from .io import load_state_dict_file
+from .sret import SReT, sret_checkpoint_filter, sret_variants
+from .sret_supernet import SReTSupernet
 from .t2t_supernet import T2TViTSupernet
 from .t2t_vit import T2TViT
 from .vit import Supernet, VisionTransformerSupernet, unsupported_features
 
-# timm modules whose models may be plain VisionTransformers, CaiTs or our T2T-ViTs; each name is then checked by
-# building it.
-_VIT_MODULES = ("vision_transformer", "deit", "cait", "t2t_vit")
+# timm modules whose models may be plain VisionTransformers, CaiTs or our T2T-ViTs and SReTs; each name is then
+# checked by building it.
+_VIT_MODULES = ("vision_transformer", "deit", "cait", "t2t_vit", "sret")
 
 
 def _unsupported(model: nn.Module) -> list[str]:
-    """Why `model` cannot become a supernet: a CaiT is checked as one, any other model as a ViT; every T2T-ViT can."""
-    if isinstance(model, T2TViT):
+    """Why `model` cannot become a supernet: a CaiT is checked as one, any other model as a ViT; every T2T-ViT and
+    SReT can."""
+    if isinstance(model, T2TViT | SReT):
         return []
     return unsupported_cait_features(model) if isinstance(model, Cait) else unsupported_features(model)
 
@@ -38,10 +41,12 @@ def list_supernets() -> list[str]:
     """Every model name `build_supernet` accepts."""
     names = []
     for name in sorted({n for m in _VIT_MODULES for n in timm.list_models(module=m)}):
-        # One block on the meta device shows the structure without allocating weights.
+        # One block on the meta device shows the structure without allocating weights. SReT's depth is per stage;
+        # a whole SReT is small.
+        structure = {} if name in sret_variants() else {"depth": 1}
         try:
             with torch.device("meta"):
-                model = timm.create_model(name, depth=1)
+                model = timm.create_model(name, **structure)
         except Exception:  # an entry point that cannot build this way is not a plain ViT
             continue
         if not _unsupported(model):
@@ -78,7 +83,8 @@ def build_supernet(
     """
     check_model_name(name)
     source = create_source_model(name, pretrained, checkpoint_path, img_size, num_classes, **kwargs)
-    family = {Cait: CaitSupernet, T2TViT: T2TViTSupernet}.get(type(source), VisionTransformerSupernet)
+    families = {Cait: CaitSupernet, T2TViT: T2TViTSupernet, SReT: SReTSupernet}
+    family = families.get(type(source), VisionTransformerSupernet)
     return family(source, name, model_kwargs=kwargs, gates=gates or GateConfig())
 
 
@@ -129,7 +135,7 @@ def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: 
     With `reset_head`, a classifier trained for another number of classes is dropped (the model keeps
     its freshly initialised head) instead of being an error.
     """
-    filter_fn = cait_checkpoint_filter if isinstance(model, Cait) else checkpoint_filter_fn
+    filter_fn = {Cait: cait_checkpoint_filter, SReT: sret_checkpoint_filter}.get(type(model), checkpoint_filter_fn)
     state = filter_fn(load_state_dict_file(path), model)
     expected = model.state_dict()
     head_keys = {k for k in expected if k.startswith("head.")}

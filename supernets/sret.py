@@ -22,7 +22,7 @@ layer gets its own seed, so layers see independent permutations, as in training)
 permutation is a cache, not a buffer: it is absent from the state dict and follows the token count.
 
 The group counts are runtime settings, not weights: `SReT.set_groups` changes them for any stage
-and pass, which a supernet searching them relies on.
+and pass. The supernet (`sret_supernet`) searches them as `Architecture.groups`, sharing every weight.
 
 Counting convention: with the default groups, sret_t has 4,755,979 parameters and 1.112 GMACs in
 the `core` convention (linear/conv weights plus the sliced attention matmuls), 1.366 GMACs with
@@ -42,7 +42,16 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import register_model
 from torch import nn
 
-__all__ = ["SReT", "SReTBlock", "SReTStage", "SlicedAttention", "sret_variants"]
+__all__ = [
+    "SReT",
+    "SReTBlock",
+    "SReTStage",
+    "SlicedAttention",
+    "check_group_count",
+    "sret_checkpoint_filter",
+    "sret_variants",
+    "token_permutation",
+]
 
 Groups = Sequence[Sequence[int]]
 
@@ -56,6 +65,24 @@ def check_group_count(groups: int, num_tokens: int, where: str = "") -> None:
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_tokens % groups:
         at = f" in {where}" if where else ""
         raise ValueError(f"group count {groups!r}{at} must be a positive integer dividing the {num_tokens} tokens")
+
+
+def token_permutation(
+    num_tokens: int, device: torch.device, training: bool, seed: int, cache: dict[Any, tuple[torch.Tensor, ...]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A permutation of `num_tokens` tokens and its inverse, for a layer with permutation seed `seed`: in training
+    a fresh draw from torch's global RNG; in eval the layer's fixed one, cached in `cache` per token count and
+    device."""
+    if training:
+        perm = torch.randperm(num_tokens, device=device)
+        return perm, torch.argsort(perm)
+    key = (num_tokens, device)
+    if key not in cache:
+        # Drawn on the CPU so that the permutation is the same whatever device the model is on.
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        perm = torch.randperm(num_tokens, generator=gen, device="cpu")
+        cache[key] = (perm.to(device), torch.argsort(perm).to(device))
+    return cache[key]
 
 
 class LearnableResidual(nn.Module):
@@ -99,16 +126,7 @@ class SlicedAttention(nn.Module):
 
     def permutation(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A permutation of the tokens and its inverse: fresh in training, fixed per token count in eval."""
-        if self.training:
-            perm = torch.randperm(num_tokens, device=device)
-            return perm, torch.argsort(perm)
-        key = (num_tokens, device)
-        if key not in self._eval_perms:
-            # Drawn on the CPU so that the permutation is the same whatever device the model is on.
-            gen = torch.Generator(device="cpu").manual_seed(self.perm_seed)
-            perm = torch.randperm(num_tokens, generator=gen, device="cpu")
-            self._eval_perms[key] = (perm.to(device), torch.argsort(perm).to(device))
-        return self._eval_perms[key]
+        return token_permutation(num_tokens, device, self.training, self.perm_seed, self._eval_perms)
 
     def forward(self, x: torch.Tensor, groups: int = 1, permute: bool = False) -> torch.Tensor:
         B, N, C = x.shape
@@ -381,6 +399,18 @@ class SReT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def sret_checkpoint_filter(state: dict[str, Any], model: SReT) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict for `model`: taken out of a training checkpoint's `model` or `state_dict` entry and
+    DDP's `module.` prefix, its position embedding (1, C, H, W) resized to the model's grid (bicubic)."""
+    state = state.get("model", state)
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape[-2:] != model.pos_embed.shape[-2:]:
+        state["pos_embed"] = F.interpolate(pos, size=model.pos_embed.shape[-2:], mode="bicubic", align_corners=False)
+    return state
 
 
 # The published variants; each entry only sets constructor arguments.

@@ -158,8 +158,9 @@ class ViTStemAndHead(nn.Module):
 class Supernet(nn.Module):
     """The search space as the search loop, lookup table, projection, Optuna search and exporter see it, shared by
     every family: `blocks` of `SuperBlock`s (a unified MSA `attn`, a gated MLP `mlp`, `mixer_branch` and
-    `mlp_branch`), the model's identity, and `patch_embed.proj` (or `in_chans`, see `input_channels`) for the
-    image's channels. A family adds its stem and head and sets the attributes below in its `__init__`."""
+    `mlp_branch`), each applied as `block_passes` says, the model's identity, and `patch_embed.proj` (or `in_chans`,
+    see `input_channels`) for the image's channels. A family adds its stem and head and sets the attributes below
+    in its `__init__`."""
 
     name: str
     img_size: int
@@ -176,6 +177,11 @@ class Supernet(nn.Module):
     @property
     def mlp_hidden(self) -> list[int]:
         return [b.mlp.hidden_features for b in self.blocks]
+
+    def block_passes(self, index: int) -> list[dict[str, Any]]:
+        """The keyword arguments of each application of block `index` in one forward (the lookup table prices each):
+        one plain call, unless a family applies its blocks recursively (SReT)."""
+        return [{}]
 
     def config(self) -> dict[str, Any]:
         """Everything `build_supernet` needs to rebuild this supernet, as JSON-ready data."""

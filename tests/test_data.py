@@ -19,8 +19,6 @@ from spvit_search.data import (
     num_classes_of,
 )
 
-_write_images = write_image_folder
-
 
 def _targets(loader) -> list[int]:
     return [int(t) for _, y in loader for t in y]
@@ -123,8 +121,8 @@ def test_build_loaders_from_config():
 
 @pytest.mark.parametrize("val_name", ["val", "validation"])
 def test_image_folder_round_trip(tmp_path, val_name):
-    _write_images(tmp_path / "train", {"cat": 3, "dog": 3})
-    _write_images(tmp_path / val_name, {"dog": 2})  # a val split without every class keeps train's indices
+    write_image_folder(tmp_path / "train", {"cat": 3, "dog": 3})
+    write_image_folder(tmp_path / val_name, {"dog": 2})  # a val split without every class keeps train's indices
     train = build_dataset(str(tmp_path), "train", 16)
     val = build_dataset(tmp_path, "val", 16)
     assert (len(train), len(val)) == (6, 2)
@@ -137,7 +135,7 @@ def test_image_folder_round_trip(tmp_path, val_name):
 
 
 def test_single_image_folder_is_split_per_class(tmp_path):
-    _write_images(tmp_path, {"a": 5, "b": 10})
+    write_image_folder(tmp_path, {"a": 5, "b": 10})
     train, val = build_dataset(tmp_path, "train", 16), build_dataset(tmp_path, "val", 16)
     assert isinstance(train, Subset) and isinstance(val, Subset)
     assert (len(train), len(val)) == (12, 3)
@@ -206,19 +204,19 @@ def test_folder_errors(tmp_path):
 
 def test_split_folder_errors(tmp_path):
     only_train = tmp_path / "only_train"
-    _write_images(only_train / "train", {"a": 2})
+    write_image_folder(only_train / "train", {"a": 2})
     with pytest.raises(FileNotFoundError, match="has train/ but no val/ or validation/ folder"):
         build_dataset(only_train, "val", 16)
     only_val = tmp_path / "only_val"
-    _write_images(only_val / "val", {"a": 2})
+    write_image_folder(only_val / "val", {"a": 2})
     with pytest.raises(FileNotFoundError, match="has val/ but no train/ folder"):
         build_dataset(only_val, "train", 16)
     extra = tmp_path / "extra"
-    _write_images(extra / "train", {"a": 2})
-    _write_images(extra / "val", {"a": 1, "zebra": 1})
+    write_image_folder(extra / "train", {"a": 2})
+    write_image_folder(extra / "val", {"a": 1, "zebra": 1})
     with pytest.raises(ValueError, match="has classes missing from .*train: zebra"):
         build_dataset(extra, "val", 16)
     single = tmp_path / "single"
-    _write_images(single, {"a": 1, "b": 1})
+    write_image_folder(single, {"a": 1, "b": 1})
     with pytest.raises(ValueError, match="too few images to hold out a val split"):
         build_dataset(single, "train", 16)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from spvit_search.demo import DemoConfig, run_demo
+from spvit_search.data import build_dataset
+from spvit_search.demo import DemoConfig, run_demo, train_dense_model
 from spvit_search.export import load_subnet
 
 
@@ -25,5 +26,9 @@ def test_demo_runs_every_step_and_reuses_the_dense_model(tmp_path, capsys):
     assert results["subnet"]["macs"] <= 0.7 * results["dense"]["macs"] * 1.001
     assert f"{results['subnet']['acc1']:6.2f}%" in printed
 
-    run_demo(config)
+    # A second run reuses the dense model while its settings stay the same.
+    train = build_dataset(config.data, "train", config.img_size)
+    val = build_dataset(config.data, "val", config.img_size, augment=False)
+    weights = train_dense_model(config, out / "dense", train, val, 10)
     assert "reusing" in capsys.readouterr().out
+    assert weights == out / "dense" / "model.safetensors"

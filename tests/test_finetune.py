@@ -65,13 +65,15 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors"))
 
 
-def test_killed_finetune_resumes_bit_identically(subnet_dir, tmp_path):
-    args = ["--epochs", "2", "--checkpoint-every", "7", "--distillation", "hard"]
+def test_killed_finetune_resumes_bit_identically(folder_subnet, image_folder, tmp_path):
+    # Hard distillation from a teacher (the subnet itself): the teacher's state must not break the resume either.
+    args = ["--data", str(image_folder), "--batch-size", "4", "--epochs", "2", "--checkpoint-every", "3"]
+    args += ["--distillation", "hard", "--teacher-model", str(folder_subnet)]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert main(finetune_args(subnet_dir, straight, *args)) == 0
+    assert main(finetune_args(folder_subnet, straight, *args)) == 0
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "spvit_search.cli", *finetune_args(subnet_dir, killed, *args)],
+        [sys.executable, "-m", "spvit_search.cli", *finetune_args(folder_subnet, killed, *args)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 300
@@ -81,7 +83,7 @@ def test_killed_finetune_resumes_bit_identically(subnet_dir, tmp_path):
     process.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
 
-    assert main(finetune_args(subnet_dir, killed, *args, "--resume")) == 0
+    assert main(finetune_args(folder_subnet, killed, *args, "--resume")) == 0
     for name in ("last", "best"):
         a, b = _weights(straight / name), _weights(killed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -89,14 +91,13 @@ def test_killed_finetune_resumes_bit_identically(subnet_dir, tmp_path):
     assert steps == sorted(steps)
 
 
-def test_ema_and_bf16_train_and_evaluate_the_average(subnet_dir, tmp_path):
+def test_ema_and_bf16_train_and_evaluate_the_average(folder_subnet, image_folder, tmp_path):
     out = tmp_path / "ema"
-    assert (
-        main(finetune_args(subnet_dir, out, "--epochs", "1", "--model-ema", "--model-ema-decay", "0.9", "--bf16")) == 0
-    )
+    args = ["--data", str(image_folder), "--batch-size", "4", "--epochs", "1", "--distillation", "none"]
+    assert main(finetune_args(folder_subnet, out, *args, "--model-ema", "--model-ema-decay", "0.9", "--bf16")) == 0
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert {"val_acc1", "val_raw_acc1"} <= set(record)
-    val = build_loader(build_dataset("digits", "val", 32), 256, train=False)
+    val = build_loader(build_dataset(str(image_folder), "val", 32), 256, train=False)
     assert evaluate_classifier(load_subnet(out / "last"), val)["acc1"] == pytest.approx(record["val_acc1"])
 
 

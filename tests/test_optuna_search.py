@@ -13,12 +13,17 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import timm
+import torch
 from optuna.trial import TrialState
+from safetensors.torch import save_file
 
+from finetune.classification import train_classifier
 from lookup_tables import LookupTable
 from spvit_search.cli import main
-from spvit_search.discrete_spaces import BlockwiseSpace
-from spvit_search.export import load_search_supernet
+from spvit_search.data import build_dataset, build_loader
+from spvit_search.discrete_spaces import BlockwiseSpace, discrete_space
+from spvit_search.export import load_search_supernet, load_subnet
 from spvit_search.optuna_search import JOURNAL
 from supernets import Architecture
 
@@ -102,17 +107,17 @@ def test_two_processes_share_one_study_without_duplicates(dense_checkpoint, tmp_
 
 def test_a_killed_study_resumes_without_duplicates(dense_checkpoint, tmp_path):
     out = tmp_path / "killed"
-    args = optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "24", "--eval-batches", "1")
+    args = optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "14", "--eval-batches", "1")
     process = _spawn(args)
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.2)
-        if (out / JOURNAL).exists() and len(load_study(out).get_trials()) >= 6:
+        if (out / JOURNAL).exists() and len(load_study(out).get_trials()) >= 4:
             break
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     before = load_study(out).get_trials()
-    assert len(before) < 24, "the study finished before it could be killed"
+    assert len(before) < 14, "the study finished before it could be killed"
 
     assert main(args) == 0
     after = load_study(out).get_trials()
@@ -122,7 +127,7 @@ def test_a_killed_study_resumes_without_duplicates(dense_checkpoint, tmp_path):
         new = after[old.number]
         assert new.params == old.params
         assert new.state == (TrialState.FAIL if old.state == TrialState.RUNNING else old.state)
-    assert len([t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 24
+    assert len([t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 14
 
 
 def test_optuna_refusals(dense_checkpoint, tmp_path, capsys):
@@ -135,3 +140,47 @@ def test_optuna_refusals(dense_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     assert main(optuna_args(dense_checkpoint, out, "--trials", "2", "--target", "0.8x")) == 2
     assert "target differ" in capsys.readouterr().err
+
+
+FAMILIES = {
+    # Narrow T2T layers (token_dim 16), or the T2T module alone would cost more than 0.6x at img 32.
+    "t2t_vit_7": {"embed_dim": 128, "depth": 4, "token_dim": 16},
+    "sret_t": {"base_dim": 8, "heads": [1, 2, 4], "depth": [4, 2, 2], "recursive_num": [2, 1, 1]},
+}
+
+
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+def test_family_study_respects_the_budget_and_the_best_exports(model, tmp_path):
+    """A tiny model of a family with discrete dimensions, trained two epochs on digits; 30 trials under 0.6x."""
+    kwargs = FAMILIES[model]
+    torch.manual_seed(0)
+    dense = timm.create_model(model, img_size=32, num_classes=10, **kwargs)
+    train = build_loader(build_dataset("digits", "train", 32), 64, train=True, seed=0)
+    val = build_loader(build_dataset("digits", "val", 32), 256, train=False)
+    train_classifier(dense, train, val, tmp_path, epochs=2, lr=2e-3, progress=False)
+    save_file(dense.state_dict(), str(tmp_path / "dense.safetensors"))
+
+    out = tmp_path / "study"
+    args = ["search", "--strategy", "optuna", "--model", model, "--img-size", "32", "--no-progress"]
+    args += [
+        "--model-kwargs",
+        *(f"{k}={v}" for k, v in kwargs.items()),
+        "--checkpoint",
+        str(tmp_path / "dense.safetensors"),
+    ]
+    assert main([*args, "--out", str(out), "--target", "0.6x", "--trials", "30", "--eval-batches", "1"]) == 0
+    lut = LookupTable.load(out / "lut.csv")
+    target = json.loads((out / "summary.json").read_text())["target_macs"]
+    assert target == pytest.approx(0.6 * lut.dense_flops(), abs=1)
+    trials = load_study(out).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(trials) == 30
+    space = discrete_space(load_search_supernet(out / "supernet.safetensors"))
+    archs = {t.number: space.architecture(t.params) for t in trials}
+    for t in trials:  # every completed trial is within the budget, priced by the table; the rest cost nothing
+        assert (t.state == TrialState.COMPLETE) == (lut.flops(archs[t.number]) <= target)
+    # The family's own dimensions were searched: T2T-ViT's depth or width, SReT's group splits.
+    assert len({(a.depth, a.embed_dim, a.groups) for a in archs.values()}) > 1
+
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "subnet")]) == 0
+    subnet = load_subnet(tmp_path / "subnet")
+    assert lut.flops(subnet.arch) == lut.flops(Architecture.load(out / "arch.json")) <= target

@@ -186,3 +186,25 @@ def test_t2t_report_prices_a_shallower_narrower_subnet(tmp_path):
     assert frame.loc["total", "params"] == lut.params(arch)
     assert frame.loc["total", "dense_macs"] == lut.dense_flops()
     assert frame.loc["total", "dense_params"] == lut.params(net.dense_architecture())
+
+
+def test_sret_report_prices_the_architecture_group_splits(tmp_path):
+    """The msa of an architecture with group splits other than the model's is priced at its own splits."""
+    kwargs = dict(base_dim=8, heads=[1, 2, 4], depth=[4, 2, 2], recursive_num=[2, 1, 1])
+    net = build_supernet("sret_t", img_size=64, num_classes=10, groups=[[4, 2], [2, 1], [1, 1]], **kwargs)
+    lut = build_lookup_table(net)
+    run = tmp_path / "run"
+    run.mkdir()
+    lut.save(run / "lut.csv")
+    dense = net.dense_architecture()
+    arch = dataclasses.replace(dense, groups=((16, 1), (1, 4), (2, 2)))
+    arch.save(run / "arch.json")
+    (run / "config.json").write_text(json.dumps({"model": net.name, "target": "0.9x"}))
+
+    report = write_report([run], tmp_path / "report")
+    assert not [w for w in report.warnings if "lut.csv" in w or "does not fit" in w], report.warnings
+    frame = report.tables["run: architecture"]
+    assert lut.flops(arch) != lut.flops(dense)
+    assert frame.loc["total", "macs"] == lut.flops(arch)
+    assert frame.loc["total", "dense_macs"] == lut.flops(dense) == lut.dense_flops()
+    assert frame.loc["total", "params"] == lut.params(arch)

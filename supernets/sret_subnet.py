@@ -1,0 +1,117 @@
+"""`SReTSubnet`, an SReT exported for one `Architecture`: SReT's stem, NLLs, downsampling convs and head around
+its distinct blocks, each holding its chosen mixer and pruned MLP, run at the architecture's group splits.
+
+A block's msa is SReT's own `SlicedAttention` (with the block's permutation seed, so eval mode permutes as the
+supernet does), a bconv is a plain `BottleneckConv` over the stage's grid, and a skipped mixer leaves only the
+residual's scale: x ← a·x. It lives apart from `sret_supernet` because it builds on `subnet` and the registry,
+which imports `sret_supernet`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from .architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
+from .registry import create_source_model
+from .sret import SlicedAttention, SReTBlock, sret_variants
+from .sret_supernet import SReTStemAndHead, group_choices
+from .subnet import BottleneckConv, PrunedMlp, Subnet
+
+
+class ResidualScale(nn.Module):
+    """The learnable residual of a block whose mixer is skipped: x ← a·x (the branch and its scale b are gone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * x
+
+
+class SReTSubnetBlock(nn.Module):
+    """SReT's block for one `BlockChoice`: sliced attention (msa), a bottleneck conv over the stage's grid (bconv1,
+    bconv3) or no mixer branch at all (skip), and a pruned MLP. Takes over `block`'s attention, norms, residual
+    scalars and drop path (pass a model built for the purpose)."""
+
+    def __init__(self, block: SReTBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool) -> None:
+        super().__init__()
+        attn = block.attn
+        self.mixer: nn.Module | None = None
+        if choice.mixer == "msa":
+            self.mixer = attn
+        elif choice.mixer != "skip":
+            dim = attn.qkv.in_features
+            self.mixer = BottleneckConv(
+                dim,
+                attn.head_dim,
+                CONV_KERNEL_SIZE[choice.mixer],
+                grid_size,
+                num_prefix_tokens=0,
+                conv_bias=attn.qkv.bias is not None,
+                proj_bias=attn.proj.bias is not None,
+                proj_drop=attn.proj_drop.p,
+                fold_bn=fold_bn,
+            )
+        if self.mixer is None:
+            self.residual1: nn.Module = ResidualScale()
+        else:
+            self.norm1, self.residual1 = block.norm1, block.residual1
+        self.norm2, self.residual2, self.drop_path = block.norm2, block.residual2, block.drop_path
+        self.mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
+
+    def forward(self, x: torch.Tensor, groups: int = 1, permute: bool = False) -> torch.Tensor:  # x: (B, N, D)
+        if self.mixer is None:
+            x = self.residual1(x)
+        else:
+            h = self.norm1(x)
+            # Only attention slices the tokens; a conv sees the whole grid whatever the groups.
+            branch = self.mixer(h, groups, permute) if isinstance(self.mixer, SlicedAttention) else self.mixer(h)
+            x = self.residual1(x, self.drop_path(branch))
+        return self.residual2(x, self.drop_path(self.mlp(self.norm2(x))))
+
+
+class SReTSubnet(SReTStemAndHead, Subnet):
+    """The exported SReT: the stem, NLLs and head of the SReT `arch.model` (created for its structure, with the
+    supernet's model kwargs) around the blocks of one `Architecture`, at its group splits `arch.groups`. Built on
+    the ambient device: under `torch.device("meta")` it allocates nothing that a state dict replaces anyway."""
+
+    family = "sret"
+
+    def __init__(self, arch: Architecture, model_kwargs: dict[str, Any] | None = None, fold_bn: bool = False) -> None:
+        super().__init__()
+        if arch.model not in sret_variants():
+            raise ValueError(f"model: '{arch.model}' is not an SReT; expected one of {', '.join(sret_variants())}")
+        self.model_kwargs = dict(model_kwargs or {})
+        kwargs = self.model_kwargs
+        sret = create_source_model(arch.model, img_size=arch.img_size, num_classes=arch.num_classes, **kwargs)
+        source_blocks = [(stage, block) for stage in sret.stages for block in stage.blocks]
+        arch.validate_for(
+            model=arch.model,
+            img_size=arch.img_size,
+            num_classes=arch.num_classes,
+            mlp_hidden=[block.mlp.fc1.out_features for _, block in source_blocks],
+            choices=group_choices(sret.stages),
+        )
+        self.adopt_stem_and_head(sret, arch.model)
+        self.groups = arch.groups
+        self.blocks = nn.ModuleList(
+            SReTSubnetBlock(block, choice, stage.grid_size, fold_bn)
+            for (stage, block), choice in zip(source_blocks, arch.blocks, strict=True)
+        )
+        self.arch = arch
+        self.bn_folded = fold_bn
+        # timm's data config (`timm.data.resolve_model_data_config`): SReT's ImageNet settings (DeiT's), a fixed grid.
+        self.pretrained_cfg = {
+            "input_size": (self.in_chans, arch.img_size, arch.img_size),
+            "fixed_input_size": True,
+            "num_classes": arch.num_classes,
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+        }
