@@ -95,7 +95,7 @@ def _check_out_dir(out: Path) -> None:
 
 
 def run_section(run: ReportRun, warnings: list[str]) -> Section:
-    section = Section(f"{run.label} ({' + '.join(r.kind for r in run.parts)})")
+    section = Section(run.label)
     slug = _slug(run.label)
     section.items.append(Table(f"{run.label}: summary", summary_table(run)))
     costs_frame = None
@@ -144,6 +144,7 @@ def summary_table(run: ReportRun) -> pd.DataFrame:
     dense_macs = run.figure("dense_macs") or (run.costs.dense_macs() if run.costs else None)
     macs = run.figure("macs")
     rows = {
+        "runs": ", ".join(f"{r.kind} {r.path}" for r in run.parts),
         "model": run.figure("model") or (run.arch.model if run.arch else None),
         "target MACs": _count(run.figure("target_macs")),
         "MACs": _count(macs),

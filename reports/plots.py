@@ -53,7 +53,7 @@ def block_macs(costs: pd.DataFrame) -> Figure:
     handles = [Patch(color=DENSE_COLOR, label="dense (hatched: MLP)")]
     handles += [Patch(color=MIXER_COLORS[m], label=f"pruned {m}") for m in MIXER_ORDER if m in set(costs.mixer)]
     handles.append(Patch(color=MLP_COLOR, label="pruned MLP"))
-    axes.legend(handles=handles, fontsize=7, ncols=2)
+    axes.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.set_xticks(x)
     axes.set_xlabel("block")
     axes.set_ylabel("MMACs")
