@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from .architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
 from .registry import create_source_model
 from .sret import SlicedAttention, SReTBlock, sret_variants
 from .sret_supernet import SReTStemAndHead, group_choices
-from .subnet import BottleneckConv, PrunedMlp, Subnet
+from .subnet import BottleneckConv, PrunedMlp, Subnet, imagenet_data_config
 
 
 class ResidualScale(nn.Module):
@@ -105,13 +104,4 @@ class SReTSubnet(SReTStemAndHead, Subnet):
         )
         self.arch = arch
         self.bn_folded = fold_bn
-        # timm's data config (`timm.data.resolve_model_data_config`): SReT's ImageNet settings (DeiT's), a fixed grid.
-        self.pretrained_cfg = {
-            "input_size": (self.in_chans, arch.img_size, arch.img_size),
-            "fixed_input_size": True,
-            "num_classes": arch.num_classes,
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD,
-        }
+        self.pretrained_cfg = imagenet_data_config(self.in_chans, arch, crop_pct=0.875)  # the original's crop

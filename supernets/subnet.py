@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, Mlp, to_2tuple
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -23,6 +24,20 @@ from .registry import check_model_name, create_source_model
 from .vit import ViTStemAndHead
 
 _CONFIG_FIELDS = ("model_kwargs", "fold_bn")
+
+
+def imagenet_data_config(in_chans: int, arch: Architecture, crop_pct: float) -> dict[str, Any]:
+    """timm's data config (`timm.data.resolve_model_data_config`) of a family trained with ImageNet's usual
+    settings (bicubic, mean/std), at the architecture's fixed input size: the conv candidates need one grid."""
+    return {
+        "input_size": (in_chans, arch.img_size, arch.img_size),
+        "fixed_input_size": True,
+        "num_classes": arch.num_classes,
+        "interpolation": "bicubic",
+        "crop_pct": crop_pct,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+    }
 
 
 class BottleneckConv(nn.Module):

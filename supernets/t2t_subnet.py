@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from .architecture import Architecture
-from .subnet import Subnet, SubnetBlock
+from .subnet import Subnet, SubnetBlock, imagenet_data_config
 from .t2t_supernet import validate_t2t_architecture
 from .t2t_vit import T2TViT, t2t_vit_variants
 
@@ -50,16 +49,7 @@ class T2TViTSubnet(T2TViT, Subnet):
         self.model_kwargs = model_kwargs
         self.arch = arch
         self.bn_folded = fold_bn
-        # timm's data config (`timm.data.resolve_model_data_config`): T2T-ViT's ImageNet settings, a fixed grid.
-        self.pretrained_cfg = {
-            "input_size": (self.in_chans, arch.img_size, arch.img_size),
-            "fixed_input_size": True,
-            "num_classes": arch.num_classes,
-            "interpolation": "bicubic",
-            "crop_pct": 0.9,
-            "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD,
-        }
+        self.pretrained_cfg = imagenet_data_config(self.in_chans, arch, crop_pct=0.9)  # the original's crop
         grid = self.tokens_to_token.grid_size
         self.blocks = nn.Sequential(
             *[
