@@ -137,7 +137,9 @@ class LookupTable:
 
     def check_supernet(self, net: nn.Module) -> None:
         """Raise a `ValueError` if this table was not built for `net`'s model, size and settings."""
-        config = net.config()
+        # As JSON, as the table stores it: a supernet built with tuple arguments (SReT's heads=(1, 2, 4)) matches the
+        # lists a saved table reads back.
+        config = json.loads(json.dumps(net.config()))
         for field in ("model", "img_size", "num_classes", "model_kwargs"):
             if config[field] != self.meta[field]:
                 raise ValueError(

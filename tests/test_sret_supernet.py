@@ -254,3 +254,11 @@ def test_optuna_space_samples_group_splits(net, luts):
         seen.add(arch.groups)
         luts["core"].flops(arch)
     assert len(seen) == 8
+
+
+def test_saved_table_fits_a_supernet_built_with_tuple_arguments(tmp_path):
+    """JSON reads tuples back as lists: a table saved for heads=(1, 2, 4) still fits that supernet."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in KWARGS.items() if k != "groups"}
+    net = build_supernet(MODEL, img_size=IMG, num_classes=CLASSES, **kwargs)
+    build_lookup_table(net).save(tmp_path / "lut.csv")
+    LookupTable.load(tmp_path / "lut.csv").check_supernet(net)
