@@ -31,7 +31,7 @@ from torch import nn
 from .gates import GateConfig
 from .unified_attention import UnifiedAttention
 from .unified_mlp import UnifiedMlp
-from .vit import SuperBlock, Supernet, check_input_size
+from .vit import SuperBlock, Supernet, adopt_patch_grid, check_input_size
 
 
 def unsupported_cait_features(model: nn.Module) -> list[str]:
@@ -151,19 +151,8 @@ class CaitStemAndHead(nn.Module):
 
     def adopt_stem_and_head(self, cait: Cait, name: str) -> None:
         """Copy every module and token of `cait` outside its SA blocks, and the settings their forward needs."""
-        reasons = unsupported_cait_features(cait)
-        if reasons:
-            raise ValueError(f"'{name}' cannot be searched or pruned: {'; '.join(reasons)}")
-        img_h, img_w = cait.patch_embed.img_size
-        if img_h != img_w:
-            raise ValueError(f"'{name}': only square images are supported, got {img_h}x{img_w}")
-        self.name = name
-        self.img_size = img_h
-        self.num_classes = cait.num_classes
-        self.grid_size = tuple(cait.patch_embed.grid_size)
+        adopt_patch_grid(self, cait, name, unsupported_cait_features(cait))
         self.num_prefix_tokens = 0  # in the SA blocks; the class token joins in the CA blocks
-        self.global_pool = cait.global_pool
-        self.embed_dim = cait.embed_dim
         for module in ("patch_embed", "pos_drop", "blocks_token_only", "norm", "head_drop", "head"):
             setattr(self, module, copy.deepcopy(getattr(cait, module)))
         for param in ("cls_token", "pos_embed"):

@@ -56,18 +56,8 @@ class CaitSubnetBlock(nn.Module):
         if choice.mixer == "msa":
             self.mixer = TalkingHeadsAttention.from_timm(attn)
         elif choice.mixer != "skip":
-            dim = attn.qkv.in_features
-            self.mixer = BottleneckConv(
-                dim,
-                dim // attn.num_heads,
-                CONV_KERNEL_SIZE[choice.mixer],
-                grid_size,
-                num_prefix_tokens=0,
-                conv_bias=attn.qkv.bias is not None,
-                proj_bias=attn.proj.bias is not None,
-                proj_drop=attn.proj_drop.p,
-                fold_bn=fold_bn,
-            )
+            kernel_size = CONV_KERNEL_SIZE[choice.mixer]
+            self.mixer = BottleneckConv.from_timm(attn, kernel_size, grid_size, num_prefix_tokens=0, fold_bn=fold_bn)
         if self.mixer is not None:
             self.norm1, self.drop_path1 = block.norm1, block.drop_path
         self.norm2, self.drop_path2 = block.norm2, block.drop_path

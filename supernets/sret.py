@@ -42,6 +42,8 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import register_model
 from torch import nn
 
+from .entry_points import constructor_kwargs
+
 __all__ = [
     "SReT",
     "SReTBlock",
@@ -420,8 +422,6 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     "sret_s": dict(base_dim=42, heads=(3, 6, 12), mlp_ratio=3.0, nll_ratio=2.0),
 }
 _SHARED = dict(depth=(4, 10, 6), recursive_num=(2, 5, 3), groups=((8, 2), (4, 1), (1, 1)))
-# Passed by timm.create_model to every entry point; meaningless here.
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def sret_variants() -> dict[str, dict[str, Any]]:
@@ -430,14 +430,7 @@ def sret_variants() -> dict[str, dict[str, Any]]:
 
 
 def _create(name: str, pretrained: bool = False, **kwargs: Any) -> SReT:
-    if pretrained:
-        raise ValueError(
-            f"{name}: pretrained weights are not downloaded by spvit-search; build with pretrained=False "
-            "and load a checkpoint (checkpoint_path=... or load_state_dict)"
-        )
-    for key in _TIMM_ONLY_KWARGS:
-        kwargs.pop(key, None)
-    return SReT(**{**sret_variants()[name], **kwargs})
+    return SReT(**{**sret_variants()[name], **constructor_kwargs(name, pretrained, kwargs)})
 
 
 @register_model

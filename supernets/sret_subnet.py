@@ -44,18 +44,8 @@ class SReTSubnetBlock(nn.Module):
         if choice.mixer == "msa":
             self.mixer = attn
         elif choice.mixer != "skip":
-            dim = attn.qkv.in_features
-            self.mixer = BottleneckConv(
-                dim,
-                attn.head_dim,
-                CONV_KERNEL_SIZE[choice.mixer],
-                grid_size,
-                num_prefix_tokens=0,
-                conv_bias=attn.qkv.bias is not None,
-                proj_bias=attn.proj.bias is not None,
-                proj_drop=attn.proj_drop.p,
-                fold_bn=fold_bn,
-            )
+            kernel_size = CONV_KERNEL_SIZE[choice.mixer]
+            self.mixer = BottleneckConv.from_timm(attn, kernel_size, grid_size, num_prefix_tokens=0, fold_bn=fold_bn)
         if self.mixer is None:
             self.residual1: nn.Module = ResidualScale()
         else:

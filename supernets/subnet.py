@@ -68,12 +68,13 @@ class BottleneckConv(nn.Module):
 
     @classmethod
     def from_timm(
-        cls, attn: Attention, kernel_size: int, grid_size: tuple[int, int], num_prefix_tokens: int, fold_bn: bool
+        cls, attn: nn.Module, kernel_size: int, grid_size: tuple[int, int], num_prefix_tokens: int, fold_bn: bool
     ) -> BottleneckConv:
-        """The bconv shaped like the unified MSA converted from `attn` (a conv bias where v has one)."""
+        """The bconv shaped like the unified MSA converted from `attn` (a conv bias where v has one); any attention
+        with qkv and proj layers (timm's, CaiT's talking heads, SReT's sliced one)."""
         return cls(
             attn.qkv.in_features,
-            attn.head_dim,
+            attn.proj.in_features // attn.num_heads,  # the head width; not every attention stores it
             kernel_size,
             grid_size,
             num_prefix_tokens,

@@ -38,6 +38,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .entry_points import constructor_kwargs
+
 __all__ = [
     "PerformerTokenLayer",
     "T2TViT",
@@ -298,8 +300,6 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     "t2t_vit_t_19": dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, token_layer="transformer"),
     "t2t_vit_t_24": dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, token_layer="transformer"),
 }
-# Passed by timm.create_model to every entry point; meaningless here.
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def t2t_vit_variants() -> dict[str, dict[str, Any]]:
@@ -308,15 +308,11 @@ def t2t_vit_variants() -> dict[str, dict[str, Any]]:
 
 
 def _create(name: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    if pretrained:
-        raise ValueError(
-            f"{name}: pretrained weights are not downloaded by spvit-search; build with pretrained=False "
-            "and load a checkpoint (checkpoint_path=... or load_state_dict); the released T2T-ViT checkpoints "
-            "also need their attention scale folded into the q weights (see the supernets.t2t_vit docstring)"
-        )
-    for key in _TIMM_ONLY_KWARGS:
-        kwargs.pop(key, None)
-    return T2TViT(**{**_VARIANTS[name], **kwargs})
+    note = (
+        "; the released T2T-ViT checkpoints also need their attention scale folded into the q weights "
+        "(see the supernets.t2t_vit docstring)"
+    )
+    return T2TViT(**{**_VARIANTS[name], **constructor_kwargs(name, pretrained, kwargs, note)})
 
 
 @register_model

@@ -54,6 +54,22 @@ def check_input_size(x: torch.Tensor, name: str, img_size: int) -> None:
         raise ValueError(f"'{name}' takes {img_size}x{img_size} images, got {x.shape[-2]}x{x.shape[-1]}")
 
 
+def adopt_patch_grid(stem_and_head: nn.Module, model: nn.Module, name: str, reasons: list[str]) -> None:
+    """Refuse `model` for `reasons` or for non-square images; else give `stem_and_head` the settings every patch-grid
+    family's stem and head keep: name, img_size, num_classes, grid_size, global_pool, embed_dim."""
+    if reasons:
+        raise ValueError(f"'{name}' cannot be searched or pruned: {'; '.join(reasons)}")
+    img_h, img_w = model.patch_embed.img_size
+    if img_h != img_w:
+        raise ValueError(f"'{name}': only square images are supported, got {img_h}x{img_w}")
+    stem_and_head.name = name
+    stem_and_head.img_size = img_h
+    stem_and_head.num_classes = model.num_classes
+    stem_and_head.grid_size = tuple(model.patch_embed.grid_size)
+    stem_and_head.global_pool = model.global_pool
+    stem_and_head.embed_dim = model.embed_dim
+
+
 def input_channels(model: nn.Module) -> int:
     """The image channels a supernet or subnet takes: its `in_chans` where it has one (T2T-ViT, which has no
     patch embedding), else its patch embedding's."""
@@ -113,21 +129,10 @@ class ViTStemAndHead(nn.Module):
 
     def adopt_stem_and_head(self, vit: VisionTransformer, name: str) -> None:
         """Copy every module and token of `vit` outside its blocks, and the settings their forward needs."""
-        reasons = unsupported_features(vit)
-        if reasons:
-            raise ValueError(f"'{name}' cannot be searched or pruned: {'; '.join(reasons)}")
-        img_h, img_w = vit.patch_embed.img_size
-        if img_h != img_w:
-            raise ValueError(f"'{name}': only square images are supported, got {img_h}x{img_w}")
-        self.name = name
-        self.img_size = img_h
-        self.num_classes = vit.num_classes
-        self.grid_size = tuple(vit.patch_embed.grid_size)
+        adopt_patch_grid(self, vit, name, unsupported_features(vit))
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.no_embed_class = vit.no_embed_class
-        self.global_pool = vit.global_pool
         self.pool_include_prefix = getattr(vit, "pool_include_prefix", False)
-        self.embed_dim = vit.embed_dim
         for module in ("patch_embed", "pos_drop", "norm_pre", "norm", "fc_norm", "head_drop", "head"):
             setattr(self, module, copy.deepcopy(getattr(vit, module)))
         for param in ("cls_token", "reg_token", "pos_embed"):
