@@ -286,7 +286,7 @@ class Engine:
             leave=False,
         )
         for batch in bar:
-            metrics = self._train_step(batch)
+            metrics = self.train_step(batch)
             self.batches_done += 1
             if self.step % self.config.log_every == 0:
                 self.log.write({"step": self.step, "epoch": self.epoch, **metrics})
@@ -304,7 +304,7 @@ class Engine:
         set_rng_state(self._pending_rng)
         self._pending_rng = None
 
-    def _train_step(self, batch: Any) -> dict[str, float]:
+    def train_step(self, batch: Any) -> dict[str, float]:
         device_type = next(self.model.parameters()).device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
             loss, metrics = self.task.training_step(self.forward_model, batch)
