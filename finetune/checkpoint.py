@@ -84,17 +84,27 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return model_state, state
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global RNG a training step draws from (Python, NumPy, torch CPU and CUDA)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every global RNG a training step draws from: Python, NumPy, torch's CPU RNG and that of `device` (a GPU's
+    dropout draws from its own generator), with the device's type so that a resume elsewhere leaves it alone."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["device"] = {"type": "cuda", "rng": torch.cuda.get_rng_state(device)}
+    elif device is not None and device.type == "mps":
+        state["device"] = {"type": "mps", "rng": torch.mps.get_rng_state()}
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s RNGs; the device's only when the checkpoint was written on the same kind of device
+    (a run resumed on another device continues, but not bit-identically)."""
     random.setstate(state["python"])
     np.random.set_state(tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in state["numpy"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("device")
+    if saved is None or device is None or saved["type"] != device.type:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng"], device)
+    else:
+        torch.mps.set_rng_state(saved["rng"])

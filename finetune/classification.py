@@ -10,24 +10,37 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .devices import to_device
 from .distributed import DistributedContext
 from .engine import Engine, EngineConfig
-from .optim import weight_decay_groups
+from .optim import adamw, weight_decay_groups
 from .schedule import warmup_cosine
 
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) and mean cross-entropy over `loader`."""
-    correct1 = correct5 = loss = count = 0.0
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy over `loader`, computed on the model's device; the sums
+    stay there until the end, so the loop never waits for the device."""
+    device = next(model.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    count = 0
     for images, targets in loader:
+        images, targets = to_device((images, targets), device)
         logits = model(images)
-        loss += F.cross_entropy(logits, targets, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-        correct1 += (top[:, 0] == targets).sum().item()
-        correct5 += (top == targets[:, None]).any(dim=1).sum().item()
+        sums += torch.stack([
+            F.cross_entropy(logits.float(), targets, reduction="sum"),
+            (top[:, 0] == targets).sum(),
+            (top == targets[:, None]).any(dim=1).sum(),
+        ]).to(sums.dtype)  # fmt: skip
         count += len(targets)
+    loss, correct1, correct5 = sums.tolist()
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "loss": loss / count}
+
+
+def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A batch's top-1 accuracy (%), a device tensor (a training step's metric, not read on the host)."""
+    return 100 * (logits.argmax(1) == targets).float().mean()
 
 
 class ClassificationTask:
@@ -37,11 +50,11 @@ class ClassificationTask:
         self.val_loader = val_loader
         self.label_smoothing = label_smoothing
 
-    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, targets = batch
         logits = model(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        return loss, {"acc1": 100 * (logits.argmax(1) == targets).float().mean().item()}
+        return loss, {"acc1": top1_accuracy(logits, targets)}
 
     def after_step(self, metrics: dict[str, float]) -> None:
         pass
@@ -71,9 +84,13 @@ def train_classifier(
     label_smoothing: float = 0.1,
     context: DistributedContext | None = None,
     progress: bool = True,
+    device: torch.device = torch.device("cpu"),  # noqa: B008 (a device is immutable)
+    amp: str = "none",
 ) -> dict[str, float]:
-    """Train `model` from scratch or from its weights with AdamW and warmup-cosine; returns val metrics."""
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr)
+    """Train `model` from scratch or from its weights with AdamW and warmup-cosine, on `device`; returns val
+    metrics."""
+    model.to(device)
+    optimizer = adamw(weight_decay_groups(model, weight_decay), lr=lr)
     steps = epochs * len(train_loader)
     scheduler = warmup_cosine(optimizer, steps, warmup_epochs * len(train_loader))
     engine = Engine(
@@ -82,7 +99,7 @@ def train_classifier(
         {"weights": optimizer},
         {"weights": scheduler},
         train_loader,
-        EngineConfig(Path(out_dir), epochs, grad_clip=5.0, progress=progress),
+        EngineConfig(Path(out_dir), epochs, grad_clip=5.0, progress=progress, device=device, amp=amp),
         context,
     )
     return engine.fit()

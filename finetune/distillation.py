@@ -43,15 +43,15 @@ class DistillationLoss(nn.Module):
 
     def forward(
         self, student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss and its parts (`ce`, and `kd` unless the type is none) as floats for logging."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its parts (`ce`, and `kd` unless the type is none), detached, for logging."""
         ce = F.cross_entropy(student_logits.float(), targets, label_smoothing=self.label_smoothing)
         if self.kind == "none":
-            return ce, {"ce": ce.item()}
+            return ce, {"ce": ce.detach()}
         if teacher_logits is None:
             raise ValueError(f"'{self.kind}' distillation needs the teacher's logits")
         if self.kind == "soft":
             kd = soft_distillation(student_logits, teacher_logits, self.tau)
         else:
             kd = hard_distillation(student_logits, teacher_logits)
-        return (1 - self.alpha) * ce + self.alpha * kd, {"ce": ce.item(), "kd": kd.item()}
+        return (1 - self.alpha) * ce + self.alpha * kd, {"ce": ce.detach(), "kd": kd.detach()}

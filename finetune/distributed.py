@@ -28,6 +28,8 @@ def init_distributed(device: torch.device) -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistributedContext()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device: this rank's own GPU
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(dist.get_rank(), dist.get_world_size())

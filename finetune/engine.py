@@ -1,8 +1,12 @@
 """The one training loop, shared by search and fine-tuning.
 
 A `Task` says what a step computes and what an epoch's end decides; the `Engine` owns everything else:
-optimizers and schedules, DDP, gradient clipping, bf16 autocast, the weights' EMA, checkpoint/resume,
-best and last models, `metrics.jsonl` and progress bars.
+the device, optimizers and schedules, DDP, gradient clipping, mixed precision (bf16 autocast, or fp16 with a
+GradScaler), torch.compile, the weights' EMA, checkpoint/resume, best and last models, `metrics.jsonl` and
+progress bars.
+The hot loop never waits for the device: a step's metrics stay device tensors, summed on the device and read
+back once every `log_every` steps, at checkpoints and at an epoch's end; the non-finite-loss check is read there
+too, always before anything is saved, so a checkpoint never holds weights a NaN reached.
 Resuming from a checkpoint continues bit-identically: the data order depends only on (seed, epoch),
 the global RNG states are saved, and a resumed epoch restarts at the first batch not yet trained.
 (With loader workers, augmentation inside workers is identical for resumes at epoch boundaries only.)
@@ -11,7 +15,6 @@ the global RNG states are saved, and a resumed epoch restarts at the first batch
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 from collections.abc import Iterator
@@ -31,6 +34,7 @@ from tqdm import tqdm
 from supernets.io import atomic_write_text
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .devices import autocast, to_device
 from .distributed import DistributedContext
 from .ema import ModelEma
 
@@ -47,10 +51,11 @@ class TrainingInterrupted(RuntimeError):
 
 
 class Task(Protocol):
-    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one batch and the metrics to log for it; `model` may be wrapped in DDP."""
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Loss of one batch (already on the device) and the metrics to log for it, as device tensors (never read
+        them on the host: that would stall the device every step); `model` may be wrapped in DDP or compiled."""
 
-    def after_step(self, metrics: dict[str, float]) -> None:
+    def after_step(self, metrics: dict[str, torch.Tensor | float]) -> None:
         """Called after the optimizers stepped (e.g. to update a Lagrange multiplier)."""
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -66,6 +71,9 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # Optional: `state_metrics() -> dict[str, torch.Tensor | float]`, the task's state (e.g. λ, gate probabilities)
+    # logged as it is at every log point, rather than averaged over the steps like the step metrics.
+
 
 @dataclass
 class EngineConfig:
@@ -73,12 +81,53 @@ class EngineConfig:
     epochs: int
     grad_clip: float | None = None  # max gradient norm, None for no clipping
     checkpoint_every: int = 0  # optimizer steps between checkpoints; epoch ends always write one
-    log_every: int = 1  # optimizer steps between metrics.jsonl lines
+    log_every: int = 50  # optimizer steps between metrics.jsonl lines (means over the steps); epoch ends write one
     progress: bool = True  # tqdm bars on the main process
     find_unused_parameters: bool = False  # DDP: some parameters may get no gradient in a step (single-path search)
-    bf16: bool = False  # training forwards under bfloat16 autocast (CPU or CUDA); evaluation stays float32
+    device: torch.device = torch.device("cpu")
+    amp: str = "none"  # none | bf16 | fp16: the training forwards' autocast dtype; evaluation stays float32
+    compile: bool = False  # torch.compile the training forward
     ema_decay: float | None = None  # keep an EMA of the weights; it is the model evaluated and saved
     best_metric: str | None = None  # validation metric (higher is better) that picks the "best" saved model
+
+
+class StepMetrics:
+    """Sums of the step metrics since the last log point, kept on the device, and the first step whose loss was
+    not finite; `read` takes them to the host in one transfer."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.last: dict[str, float] = {}  # plain numbers (learning rates): their value at the last step
+        self.steps = 0
+        self.first_non_finite = torch.tensor(-1, device=device)
+
+    def add(self, step: int, loss: torch.Tensor, metrics: dict[str, torch.Tensor | float]) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_non_finite = torch.where(bad & (self.first_non_finite < 0), step, self.first_non_finite)
+        for name, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(self.dtype)
+                self.sums[name] = self.sums[name] + value if name in self.sums else value
+            else:
+                self.last[name] = value
+        self.steps += 1
+
+    def read(self, state: dict[str, torch.Tensor | float]) -> tuple[int, dict[str, float]]:
+        """(the first non-finite step or -1, the means of the step metrics and the values of `state`), read at once;
+        the sums restart."""
+        names = list(self.sums)
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        values = [self.first_non_finite.to(self.dtype)]
+        values += [self.sums[k] / max(self.steps, 1) for k in names]
+        values += [v.detach().to(self.device, self.dtype) for v in tensors.values()]
+        first, *numbers = torch.stack(values).tolist()
+        record = dict(zip([*names, *tensors], numbers, strict=True))
+        record.update(self.last)
+        record.update({k: float(v) for k, v in state.items() if k not in tensors})
+        self.sums, self.last, self.steps = {}, {}, 0
+        return int(first), record
 
 
 class MetricsLog:
@@ -128,7 +177,8 @@ class Engine:
         config: EngineConfig,
         context: DistributedContext | None = None,
     ) -> None:
-        self.model = model
+        self.device = config.device
+        self.model = model.to(self.device)  # the same parameters: optimizers built before still hold them
         self.task = task
         self.optimizers = optimizers
         self.schedulers = schedulers
@@ -147,16 +197,23 @@ class Engine:
         self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
         self._pending_rng: dict[str, Any] | None = None
         self._stop_signal: int | None = None
+        self._bar: tqdm | None = None
         self._loader_seed = train_loader.generator.initial_seed() if train_loader.generator is not None else 0
-        self.forward_model = (
-            DistributedDataParallel(model, find_unused_parameters=config.find_unused_parameters)
-            if self.context.enabled
-            else model
-        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
+        self.metrics = StepMetrics(self.device)
+        forward_model: nn.Module = model
+        if self.context.enabled:
+            forward_model = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=config.find_unused_parameters,
+            )
+        self.forward_model = torch.compile(forward_model) if config.compile else forward_model
 
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self) -> None:
+        self._log_interval()  # a checkpoint's step closes a log interval, and nothing non-finite may be saved
         if not self.context.is_main:
             return
         state = {
@@ -168,7 +225,8 @@ class Engine:
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "task": self.task.state_dict(),
         }
         save_checkpoint(self.checkpoint_path, self.model.state_dict(), state)
@@ -193,6 +251,8 @@ class Engine:
             for name, scheduler in self.schedulers.items():
                 scheduler.load_state_dict(state["schedulers"][name])
             self.task.load_state_dict(state["task"])
+            if self.scaler and state.get("scaler"):  # absent when the run trained without fp16 so far
+                self.scaler.load_state_dict(state["scaler"])
             if self.ema:
                 self.ema.load_state_dict(state["ema"])
             self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
@@ -285,12 +345,10 @@ class Engine:
             disable=not (self.config.progress and self.context.is_main),
             leave=False,
         )
+        self._bar = bar
         for batch in bar:
-            metrics = self.train_step(batch)
+            self.train_step(batch)
             self.batches_done += 1
-            if self.step % self.config.log_every == 0:
-                self.log.write({"step": self.step, "epoch": self.epoch, **metrics})
-            bar.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:4]})
             if self._stop_signal is not None:
                 self.save()
                 raise TrainingInterrupted(
@@ -299,37 +357,62 @@ class Engine:
                 )
             if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                 self.save()
+            elif self.step % self.config.log_every == 0:
+                self._log_interval()
+        self._log_interval()  # the epoch's last steps, checked before the epoch's model is evaluated and saved
+        self._bar = None
+
+    def _log_interval(self) -> None:
+        """Read the steps since the last log point from the device (one transfer), raise if a loss was not finite,
+        and write their metrics line."""
+        if not self.metrics.steps:
+            return
+        state_metrics = getattr(self.task, "state_metrics", None)
+        first_non_finite, record = self.metrics.read(state_metrics() if state_metrics else {})
+        if first_non_finite >= 0:
+            raise NonFiniteLossError(
+                f"loss is {record.get('loss', float('nan'))} at step {first_non_finite} (epoch {self.epoch + 1}); "
+                f"the last checkpoint is intact: lower the learning rate and resume or restart"
+            )
+        self.log.write({"step": self.step, "epoch": self.epoch, **record})
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(record.items())[:4]})
 
     def _restore_rng(self) -> None:
-        set_rng_state(self._pending_rng)
+        set_rng_state(self._pending_rng, self.device)
         self._pending_rng = None
 
-    def train_step(self, batch: Any) -> dict[str, float]:
-        device_type = next(self.model.parameters()).device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]:
+        """One optimizer step on `batch` (moved to the device here); returns the step's metrics, device tensors
+        that are not read here."""
+        batch = to_device(batch, self.device)
+        with autocast(self.device, self.config.amp):
             loss, metrics = self.task.training_step(self.forward_model, batch)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"loss is {value} at step {self.step + 1} (epoch {self.epoch + 1}); the last checkpoint "
-                f"is intact: lower the learning rate and resume or restart"
-            )
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            for optimizer in self.optimizers.values():
+                self.scaler.unscale_(optimizer)  # clip and log the true gradients
         if self.config.grad_clip:
-            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+            metrics["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         for optimizer in self.optimizers.values():
-            optimizer.step()
+            if self.scaler:
+                self.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+            else:
+                optimizer.step()
+        if self.scaler:
+            self.scaler.update()
         for scheduler in self.schedulers.values():
             scheduler.step()
         if self.ema:
             self.ema.update(self.model)
         self.step += 1
-        metrics["loss"] = value
+        metrics["loss"] = loss.detach()
         for name, optimizer in self.optimizers.items():
-            metrics[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
+            metrics[f"lr_{name}"] = float(optimizer.param_groups[0]["lr"])
         self.task.after_step(metrics)
+        self.metrics.add(self.step, loss, metrics)
         return metrics
 
     def _epoch_batches(self) -> DataLoader:
@@ -348,6 +431,7 @@ class Engine:
             batch_size=loader.batch_size,
             sampler=remaining,
             num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
             collate_fn=loader.collate_fn,
             drop_last=loader.drop_last,
             generator=loader.generator,

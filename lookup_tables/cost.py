@@ -25,15 +25,26 @@ def gate_indicators(logits: torch.Tensor, estimator: str) -> torch.Tensor:
 
 
 def differentiable_flops(net: nn.Module, lut: LookupTable, estimator: str = "threshold") -> torch.Tensor:
-    """Total MACs of the architecture the gates describe, as a float64 scalar with gradients to every gate."""
-    device = net.gate_parameters()[0].device
-    mixer_macs = torch.tensor(lut.mixer_macs, dtype=torch.float64, device=device)  # (depth, 4)
+    """Total MACs of the architecture the gates describe, as a scalar with gradients to every gate: float64 (exact
+    MACs counts) wherever the device has it, float32 on MPS. The table's constants are copied to the device once."""
+    logits = [(b.attn.gates.logits, b.mlp.gates.logits) for b in net.blocks]
+    device = logits[0][0].device
+    steps, unit_macs, constant = _device_costs(lut, device)
+    attn = gate_indicators(torch.stack([a for a, _ in logits]).to(steps.dtype), estimator)  # (depth, 3)
     # Mixer cost telescopes over the cumulative gates: skip + c1·(b1 - skip) + c3·(b3 - b1) + ca·(msa - b3).
-    steps = mixer_macs.diff(dim=1)  # (depth, 3)
-    total = torch.tensor(float(lut.fixed_macs + lut.mlp_fixed_macs.sum()), dtype=torch.float64, device=device)
-    total = total + mixer_macs[:, 0].sum()
-    for i, block in enumerate(net.blocks):
-        cumulative = torch.cumprod(gate_indicators(block.attn.gates.logits.double(), estimator), 0)
-        kept = gate_indicators(block.mlp.gates.logits.double(), estimator).sum()
-        total = total + (cumulative * steps[i]).sum() + float(lut.mlp_unit_macs[i]) * kept
-    return total
+    mixers = (torch.cumprod(attn, 1) * steps).sum()
+    kept = torch.stack([gate_indicators(m.to(steps.dtype), estimator).sum() for _, m in logits])  # (depth,)
+    return constant + mixers + (unit_macs * kept).sum()
+
+
+def _device_costs(lut: LookupTable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mixer cost steps (depth, 3), MACs per MLP unit (depth,), fixed MACs ()) on `device`, cached on the table:
+    copying them every step would make the host wait for the device."""
+    cache = lut.__dict__.setdefault("_device_costs", {})
+    if device not in cache:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        mixer_macs = torch.tensor(lut.mixer_macs, dtype=torch.float64)  # (depth, 4)
+        constant = float(lut.fixed_macs + lut.mlp_fixed_macs.sum() + lut.mixer_macs[:, 0].sum())
+        costs = (mixer_macs.diff(dim=1), torch.tensor(lut.mlp_unit_macs, dtype=torch.float64), torch.tensor(constant))
+        cache[device] = tuple(t.to(device, dtype) for t in costs)
+    return cache[device]

@@ -29,6 +29,10 @@ def count_macs_by_operator(module: nn.Module, *inputs: torch.Tensor) -> dict[str
 
 
 def _analysis(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> FlopCountAnalysis:
+    # The count depends on shapes alone: inputs go where the module lives (a GPU model is traced on its GPU).
+    device = next((p.device for p in module.parameters()), None)
+    if device is not None and device.type != "meta":
+        inputs = tuple(x.to(device) for x in inputs)
     analysis = FlopCountAnalysis(module, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_macs)
     analysis.unsupported_ops_warnings(False)

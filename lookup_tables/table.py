@@ -17,6 +17,7 @@ mixer row, the same sum at the supernet's own group counts, is what the gradient
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -271,9 +272,12 @@ class LookupTable:
 
 
 def build_lookup_table(net: nn.Module, convention: str = "fvcore") -> LookupTable:
-    """Price every choice of `net`'s search space: measured by fvcore, or by the SPViT formula."""
+    """Price every choice of `net`'s search space: measured by fvcore, or by the SPViT formula. A supernet on a GPU
+    is counted on a CPU copy (fvcore traces on the CPU; the counts do not depend on where the weights live)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention '{convention}'; expected one of {', '.join(CONVENTIONS)}")
+    if any(p.device.type not in ("cpu", "meta") for p in net.parameters()):
+        net = copy.deepcopy(net).cpu()
     meta = {k: v for k, v in net.config().items() if k in _META_FIELDS} | {"convention": convention}
     if hasattr(net, CHOICES):  # depth and width choices without gates (T2T-ViT)
         meta[CHOICES] = net.discrete_choices()

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from finetune.devices import AMP_MODES
 from finetune.engine import NonFiniteLossError, TrainingInterrupted
 from supernets.architecture import MIXERS
 
@@ -69,7 +70,30 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--download", action="store_true", help="allow torch/NAME datasets to download")
     group.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation")
     group.add_argument("--batch-size", type=int, default=64)
-    group.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    group.add_argument(
+        "--workers", type=int, default=None,
+        help="data loader worker processes (default: in-process for digits, min(8, CPUs) for folders and torch/NAME)",
+    )  # fmt: skip
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
+        help="where to compute (auto: CUDA, then MPS, then the CPU; under torchrun cuda is each rank's own GPU)",
+    )  # fmt: skip
+
+
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --amp (and its alias --bf16) and --compile of the training commands."""
+    group = parser.add_argument_group("compute")
+    add_device_argument(group)
+    group.add_argument(
+        "--amp", choices=AMP_MODES, default="auto",
+        help="mixed precision of the training forwards (auto: bf16 on a CUDA GPU that supports it, else none; fp16 "
+        "scales the loss); gates, complexity loss and costs stay float32 or wider",
+    )  # fmt: skip
+    group.add_argument("--bf16", dest="amp", action="store_const", const="bf16", help="the same as --amp bf16")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +102,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints")
+    group.add_argument(
+        "--log-every", type=int, default=50,
+        help="optimizer steps between metrics lines and progress updates (the only points the loop waits for the "
+        "device)",
+    )  # fmt: skip
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -100,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(lut)
     lut.add_argument("--convention", choices=("fvcore", "core", "spvit"), default="fvcore", help="how MACs count")
     lut.add_argument("--out", default=None, help="CSV file to write (default: print only)")
+    add_device_argument(lut)
 
     search = sub.add_parser(
         "search",
@@ -158,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--bn-recalibration", type=int, default=0, help="train batches to re-estimate BN statistics")
     study.add_argument("--eval-batches", type=int, default=0, help="val batches per candidate (0: all)")
+    add_compute_arguments(search)
     add_run_arguments(search)
 
     export = sub.add_parser(
@@ -217,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--clip-grad", type=float, default=5.0, help="max gradient norm (0: off)")
     optim.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights; evaluate and save it")
     optim.add_argument("--model-ema-decay", type=float, default=0.9998)
-    optim.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training forwards")
+    add_compute_arguments(finetune)
     add_run_arguments(finetune)
 
     evaluate = sub.add_parser(
@@ -236,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V", help="extra --model arguments")
     add_data_arguments(evaluate)
     evaluate.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
+    add_device_argument(evaluate)
+    evaluate.add_argument("--compile", action="store_true", help="torch.compile the model for accuracy and latency")
 
     demo = sub.add_parser(
         "demo",
@@ -245,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="where the demo's run directories go")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_device_argument(demo)
 
     report = sub.add_parser(
         "report",
@@ -260,12 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_lut(args: argparse.Namespace) -> None:
+    from finetune.devices import resolve_device
     from lookup_tables import build_lookup_table
     from supernets import build_supernet
 
+    device = resolve_device(args.device)
     net = build_supernet(
         args.model, img_size=args.img_size, num_classes=args.num_classes, **parse_model_kwargs(args.model_kwargs)
-    )
+    ).to(device)
     lut = build_lookup_table(net, args.convention)
     low, high = lut.range()
     dense = lut.dense_flops()
@@ -295,7 +331,8 @@ def run_search_command(args: argparse.Namespace) -> None:
         gate_init=args.gate_init, gate_temperature=args.gate_temperature,
         head_mix_temperature=args.head_mix_temperature, sync_gates=args.sync_gates, data_root=args.data_root,
         download=args.download, augment=args.augment, num_workers=args.workers, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, progress=args.progress,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=args.progress,
+        device=args.device, amp=args.amp, compile=args.compile,
     )  # fmt: skip
     summary = run_search(config, resume=args.resume)
     if summary is None:  # a DDP rank other than 0
@@ -321,7 +358,7 @@ def run_optuna_command(args: argparse.Namespace) -> None:
         study_name=args.study_name, mixers=args.mixers, mlp_ratios=args.mlp_ratios,
         bn_recalibration=args.bn_recalibration, eval_batches=args.eval_batches, batch_size=args.batch_size,
         data_root=args.data_root, download=args.download, num_workers=args.workers, seed=args.seed,
-        progress=args.progress,
+        progress=args.progress, device=args.device,
     )  # fmt: skip
     summary = run_optuna(config)
     counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items() if n)
@@ -393,8 +430,9 @@ def run_finetune_command(args: argparse.Namespace) -> None:
         distillation_tau=args.distillation_tau, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.smoothing,
         grad_clip=args.clip_grad or None, model_ema=args.model_ema, model_ema_decay=args.model_ema_decay,
-        bf16=args.bf16, data_root=args.data_root, download=args.download, augment=args.augment,
-        num_workers=args.workers, seed=args.seed, checkpoint_every=args.checkpoint_every, progress=args.progress,
+        data_root=args.data_root, download=args.download, augment=args.augment, num_workers=args.workers,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=args.progress,
+        device=args.device, amp=args.amp, compile=args.compile,
     )  # fmt: skip
     summary = run_finetune(config, resume=args.resume)
     if summary is None:  # a DDP rank other than 0
@@ -409,12 +447,14 @@ def run_finetune_command(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    from finetune.devices import pin_memory, resolve_device
     from supernets.registry import create_source_model
 
-    from .data import build_dataset, build_loader, num_classes_of
+    from .data import build_dataset, build_loader, default_num_workers, num_classes_of
     from .evaluation import describe_model, format_description
     from .export import load_subnet
 
+    device = resolve_device(args.device)
     if args.subnet is not None:
         if args.checkpoint or args.pretrained or args.model_kwargs or args.img_size or args.num_classes:
             raise ValueError("--checkpoint, --pretrained, --img-size, --num-classes and --model-kwargs go with --model")
@@ -434,14 +474,17 @@ def run_eval(args: argparse.Namespace) -> None:
         model = create_source_model(
             args.model, args.pretrained, args.checkpoint, img_size, classes, **parse_model_kwargs(args.model_kwargs)
         )
-    loader = build_loader(val, args.batch_size, train=False, num_workers=args.workers)
-    print(format_description(name, describe_model(model, loader, img_size, args.latency_batch)))
+    workers = default_num_workers(args.data) if args.workers is None else args.workers
+    loader = build_loader(val, args.batch_size, train=False, num_workers=workers, pin_memory=pin_memory(device))
+    model = model.to(device).eval()
+    described = describe_model(model, loader, img_size, args.latency_batch, compiled=args.compile)
+    print(format_description(name, described))
 
 
 def run_demo_command(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.out, progress=args.progress))
+    run_demo(DemoConfig(out=args.out, progress=args.progress, device=args.device))
 
 
 def run_report(args: argparse.Namespace) -> None:

@@ -53,7 +53,7 @@ class ComplexityLoss:
 
     target: int
     form: str = "auto"
-    lam: float = 1.0
+    lam: float | torch.Tensor = 1.0  # a device tensor once `update` has taken a tensor
     lambda_lr: float = 0.02
     tolerance: float = 0.01
     lam_bounds: tuple[float, float] = (1e-3, 1e6)
@@ -73,9 +73,14 @@ class ComplexityLoss:
         return (flops - self.target) / self.target
 
     def update(self, flops: torch.Tensor | float) -> None:
-        """One dual-ascent step on λ (only for `auto`), from the MACs of the step just taken."""
+        """One dual-ascent step on λ (only for `auto`), from the MACs of the step just taken. From a tensor, λ
+        becomes a tensor on its device, so the step needs no host read."""
         if self.form != "auto":
             return
+        grow, shrink = math.exp(self.lambda_lr), math.exp(-self.lambda_lr)
+        if isinstance(flops, torch.Tensor):
+            off_target = self.relative_error(flops.detach()).abs() > self.tolerance
+            self.lam = (self.lam * torch.where(off_target, grow, shrink)).clamp(*self.lam_bounds)
+            return
         off_target = abs(float(self.relative_error(flops))) > self.tolerance
-        lam = self.lam * math.exp(self.lambda_lr if off_target else -self.lambda_lr)
-        self.lam = min(max(lam, self.lam_bounds[0]), self.lam_bounds[1])
+        self.lam = min(max(self.lam * (grow if off_target else shrink), self.lam_bounds[0]), self.lam_bounds[1])

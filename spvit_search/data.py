@@ -10,15 +10,20 @@
 
 Every kind is normalised with timm's ImageNet mean and std, so a model sees the same input statistics whatever the
 dataset, and pretrained timm weights see the statistics they were trained with.
+
+Loaders: digits loads in the main process; folders and `torch/NAME` decode images in `default_num_workers` worker
+processes that persist across epochs and prefetch, so a GPU is not left waiting for JPEG decoding.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +35,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_datase
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils import natural_key
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 from torchvision.transforms import Compose
 
 SPLITS = ("train", "val")
@@ -42,6 +47,12 @@ TORCH_DATASETS = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qm
 """The `torch/NAME` datasets timm's create_dataset builds and torchvision can download (ImageNet: use a folder)."""
 DEFAULT_TORCH_ROOT = Path.home() / ".cache" / "spvit-search" / "datasets"
 """Where `torch/NAME` data lives when no root is given."""
+MAX_DEFAULT_WORKERS = 8
+"""Most worker processes `default_num_workers` gives: enough to keep one GPU fed with ImageNet-sized JPEGs."""
+PREFETCH_FACTOR = 4
+"""Batches each worker keeps ready. A worker takes about `num_workers` steps to decode one batch, so with timm's
+default of 2 a single slow batch (a large JPEG, a page-cache miss) stalls the device; 4 absorbs it for
+4 * num_workers batches of host memory."""
 _VAL_DIRS = ("val", "validation")
 _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
@@ -58,7 +69,7 @@ class DataConfig:
     batch_size: int = 64
     """Samples per batch (per process when distributed)."""
     num_workers: int = 0
-    """DataLoader worker processes; 0 loads in the main process (enough for digits)."""
+    """DataLoader worker processes; 0 loads in the main process (enough for digits; see `default_num_workers`)."""
     download: bool = False
     """Let a `torch/NAME` dataset download itself when missing. Nothing else ever downloads."""
     root: str | None = None
@@ -69,13 +80,26 @@ class DataConfig:
     """Seed of the loaders' shuffling and worker RNGs (not of the val split, which is fixed)."""
 
 
-def build_loaders(cfg: DataConfig, distributed: bool = False) -> tuple[DataLoader, DataLoader]:
-    """The (train, val) loaders a run trains and evaluates with."""
+def build_loaders(
+    cfg: DataConfig, distributed: bool = False, pin_memory: bool = False
+) -> tuple[DataLoader, DataLoader]:
+    """The (train, val) loaders a run trains and evaluates with; `pin_memory` as in `build_loader`."""
     loaders = []
     for split in SPLITS:
         dataset = build_dataset(cfg.spec, split, cfg.img_size, cfg.download, cfg.root, cfg.augment)
-        loaders.append(build_loader(dataset, cfg.batch_size, split == "train", cfg.num_workers, cfg.seed, distributed))
+        train = split == "train"
+        loaders.append(build_loader(dataset, cfg.batch_size, train, cfg.num_workers, cfg.seed, distributed, pin_memory))
     return loaders[0], loaders[1]
+
+
+def default_num_workers(spec: str | os.PathLike[str]) -> int:
+    """Loader workers for a dataset when none are asked for: 0 for digits, which is already decoded in memory (worker
+    processes would only add start-up time), else one per CPU this process may run on, at most
+    MAX_DEFAULT_WORKERS."""
+    if os.fspath(spec) == "digits":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_DEFAULT_WORKERS, cpus)
 
 
 def build_dataset(
@@ -109,7 +133,7 @@ def build_dataset(
 
 def num_classes_of(dataset: Dataset) -> int:
     """How many classes a dataset from `build_dataset` has: the size of the classifier head it needs."""
-    if isinstance(dataset, Subset):
+    if isinstance(dataset, Subset | SeededSamples):
         return num_classes_of(dataset.dataset)
     if hasattr(dataset, "classes"):  # DigitsDataset and torchvision datasets
         return len(dataset.classes)
@@ -126,32 +150,85 @@ def build_loader(
     num_workers: int = 0,
     seed: int = 0,
     distributed: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A CPU-safe DataLoader (no prefetcher, no pinned memory) that shuffles reproducibly from `seed` when `train`.
+    """A DataLoader that shuffles reproducibly from `seed` when `train`, with persistent, prefetching workers when
+    `num_workers` > 0 and pinned host memory when `pin_memory` (pass `finetune.devices.pin_memory(device)`: only
+    CUDA gains from it).
 
-    The sampler is always a DistributedSampler (a single replica unless `distributed`), so a training loop calls
-    `loader.sampler.set_epoch(epoch)` the same way with or without DDP: epoch e is a permutation drawn from a
-    torch.Generator seeded with `seed + e`, so a resumed run sees the order an uninterrupted one would, and one
-    process sees the order a one-process DDP run would. Without set_epoch every epoch repeats epoch 0's order.
+    The sampler is always an `EpochSampler` (a DistributedSampler, a single replica unless `distributed`), so a
+    training loop calls `loader.sampler.set_epoch(epoch)` the same way with or without DDP: epoch e is a permutation
+    drawn from a torch.Generator seeded with `seed + e`, so a resumed run sees the order an uninterrupted one would,
+    and one process sees the order a one-process DDP run would. Without set_epoch every epoch repeats epoch 0's order.
     Distributed val pads each rank to the same length with up to world_size - 1 repeated samples.
-    Worker RNGs (augmentation) derive from a generator seeded with `seed`; with num_workers=0 augmentation draws from
-    the global torch RNG, which the training loop seeds. A plain DataLoader rather than timm's create_loader, which
-    replaces the dataset's transform and shuffles without a seed.
+    Augmentation in a worker draws from RNGs seeded per sample from (seed, epoch, index) (`SeededSamples`): workers
+    persist across epochs, so their own RNGs would carry past epochs' draws into a resumed run. With num_workers=0
+    augmentation draws from the global torch RNG, which the training loop seeds and checkpoints.
+    A plain DataLoader rather than timm's create_loader, which replaces the dataset's transform and shuffles without
+    a seed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("distributed=True needs torch.distributed initialised first (init_process_group)")
     replicas, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=train, seed=seed)
+    sampler = EpochSampler(dataset, num_replicas=replicas, rank=rank, shuffle=train, seed=seed)
+    workers = {"persistent_workers": True, "prefetch_factor": PREFETCH_FACTOR} if num_workers > 0 else {}
     return DataLoader(
-        dataset,
+        SeededSamples(dataset, seed),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        pin_memory=False,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
+        **workers,
     )
+
+
+class SampleKey(NamedTuple):
+    """What an `EpochSampler` yields: a sample's index and the epoch it is drawn in."""
+
+    index: int
+    epoch: int
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields `SampleKey(index, epoch)`: the epoch travels with every index to the worker
+    that loads it, which persistent workers have no other way to learn."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return (SampleKey(index, epoch) for index in super().__iter__())
+
+
+class SeededSamples(Dataset):
+    """`dataset` indexed by `SampleKey`s (or plain indices). In a loader worker, the torch, random and numpy RNGs are
+    seeded from (seed, epoch, index) before each sample, so its augmentation depends on nothing else: not on the
+    worker that loads it, the epochs that worker loaded before, or where in the epoch a resumed run starts.
+    In the main process the global RNGs are left alone: they belong to the training loop."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey | int) -> object:
+        if not isinstance(key, SampleKey):
+            return self.dataset[key]
+        if get_worker_info() is not None:
+            _seed_rngs(self.seed, key.epoch, key.index)
+        return self.dataset[key.index]
+
+
+def _seed_rngs(seed: int, epoch: int, index: int) -> None:
+    """Seed this process's torch (CPU), random and numpy RNGs from (seed, epoch, index), through a SeedSequence so
+    that neighbouring samples get unrelated streams."""
+    words = np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(3)  # 3 uint32 words
+    torch.default_generator.manual_seed(int(words[0]))
+    random.seed(int(words[1]))
+    np.random.seed(words[2])
 
 
 def holdout_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

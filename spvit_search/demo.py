@@ -1,4 +1,4 @@
-"""`spvit demo`: the main job end to end on the embedded digits data, on the CPU, in a few minutes.
+"""`spvit demo`: the main job end to end on the embedded digits data, in a few minutes on a CPU (`--device`).
 
 dense ViT (trained here, cached) → lookup table → search at 0.5x → export → fine-tune with soft KD → eval
 and report. Every step writes the same run directories the separate commands write, under `--out`:
@@ -20,6 +20,7 @@ from safetensors.torch import save
 from torch.utils.data import Dataset
 
 from finetune.classification import train_classifier
+from finetune.devices import pin_memory, resolve_device
 from lookup_tables import build_lookup_table
 from reports import write_report
 from supernets import MIXERS, Architecture, build_supernet
@@ -53,11 +54,13 @@ class DemoConfig:
     finetune_lr: float = 5e-4
     seed: int = 0
     progress: bool = True
+    device: str = "auto"
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every step, print what each did, and return the dense and subnet figures."""
     out = Path(config.out)
+    device = resolve_device(config.device)
     started = time.perf_counter()
     for name in STEPS:
         shutil.rmtree(out / name, ignore_errors=True)
@@ -65,7 +68,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     train = build_dataset(config.data, "train", config.img_size)
     val = build_dataset(config.data, "val", config.img_size, augment=False)
     classes = num_classes_of(train)
-    dense_weights = train_dense_model(config, out / "dense", train, val, classes)
+    dense_weights = train_dense_model(config, out / "dense", train, val, classes, device)
     _step(2, "lookup table")
     net = build_supernet(
         config.model, checkpoint_path=dense_weights, img_size=config.img_size, num_classes=classes,
@@ -82,7 +85,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             model=config.model, data=config.data, out=str(out / "search"), target=config.target,
             checkpoint=str(dense_weights), img_size=config.img_size, model_kwargs=config.model_kwargs,
             epochs=config.search_epochs, lr=config.search_lr, gate_lr=config.gate_lr, seed=config.seed,
-            progress=config.progress,
+            progress=config.progress, device=str(device),
         )
     )  # fmt: skip
     print(
@@ -102,17 +105,18 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         FinetuneConfig(
             subnet=str(out / "subnet"), data=config.data, out=str(out / "finetune"), distillation="soft",
             epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed, progress=config.progress,
+            device=str(device),
         )
     )  # fmt: skip
     print(f"   val top-1 {tuned['val_acc1']:.2f}% after {tuned['epochs']} epochs")
 
     _step(6, "evaluate dense vs subnet, and report")
-    val_loader = build_loader(val, 256, train=False)
+    val_loader = build_loader(val, 256, train=False, pin_memory=pin_memory(device))
     dense_model = timm.create_model(config.model, img_size=config.img_size, num_classes=classes, **config.model_kwargs)
     dense_model.load_state_dict(load_state_dict_file(dense_weights))
     results = {
-        "dense": describe_model(dense_model, val_loader, config.img_size, latency_batch=64),
-        "subnet": describe_model(load_subnet(out / "finetune" / "last"), val_loader, config.img_size, latency_batch=64),
+        name: describe_model(model.to(device), val_loader, config.img_size, latency_batch=64)
+        for name, model in (("dense", dense_model), ("subnet", load_subnet(out / "finetune" / "last")))
     }
     print(comparison_table(results))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -135,7 +139,9 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def train_dense_model(config: DemoConfig, directory: Path, train: Dataset, val: Dataset, classes: int) -> Path:
+def train_dense_model(
+    config: DemoConfig, directory: Path, train: Dataset, val: Dataset, classes: int, device: torch.device
+) -> Path:
     """The dense model's weights, trained on the first run and reused while its settings stay the same."""
     settings = {
         k: v for k, v in asdict(config).items() if k in ("data", "model", "img_size", "model_kwargs", "seed")
@@ -157,8 +163,9 @@ def train_dense_model(config: DemoConfig, directory: Path, train: Dataset, val: 
         config.dense_epochs,
         lr=config.dense_lr,
         progress=config.progress,
+        device=device,
     )
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(weights, save(tensors))
     atomic_write_text(cached, json.dumps(settings, indent=2) + "\n")
     print(f"   val top-1 {metrics['acc1']:.2f}%; cached in {weights}")

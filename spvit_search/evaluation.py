@@ -11,40 +11,57 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.classification import evaluate_classifier
+from finetune.devices import device_name, synchronize
 from lookup_tables.counting import count_macs
 
 
 @torch.inference_mode()
-def measure_latency(model: nn.Module, images: torch.Tensor, warmup: int = 2, repeats: int = 10) -> float:
-    """Median milliseconds of one forward of `images` (the model in eval mode)."""
+def measure_latency(model: nn.Module, images: torch.Tensor, warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds of one forward of `images` (the model in eval mode, both on the same device). Every
+    forward is waited for (`synchronize`): a GPU queues kernels and returns, so an unsynchronised timer measures
+    only the launch."""
     model.eval()
     for _ in range(warmup):
         model(images)
+    synchronize(images.device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         model(images)
+        synchronize(images.device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
-def describe_model(model: nn.Module, val_loader: DataLoader, img_size: int, latency_batch: int) -> dict[str, Any]:
-    """Top-1/top-5 on `val_loader`, MACs per image (`fvcore` convention), parameters and latency."""
+def describe_model(
+    model: nn.Module, val_loader: DataLoader, img_size: int, latency_batch: int, compiled: bool = False
+) -> dict[str, Any]:
+    """Top-1/top-5 on `val_loader`, MACs per image (`fvcore` convention), parameters, and latency on the model's
+    device, with what the latency was measured on (device, batch, dtype, CPU threads). `compiled`: the accuracy and
+    latency forwards run `torch.compile(model)` (its first call compiles, so the latency warm-up absorbs it)."""
     model.eval()
-    metrics = evaluate_classifier(model, val_loader)
+    parameter = next(model.parameters())
+    device = parameter.device
+    forward = torch.compile(model) if compiled else model
+    metrics = evaluate_classifier(forward, val_loader)
     image = torch.zeros(1, 3, img_size, img_size)
     return {
         "acc1": metrics["acc1"],
         "acc5": metrics["acc5"],
         "macs": count_macs(model, image),
         "params": sum(p.numel() for p in model.parameters()),
-        "latency_ms": measure_latency(model, torch.randn(latency_batch, 3, img_size, img_size)),
+        "latency_ms": measure_latency(forward, torch.randn(latency_batch, 3, img_size, img_size, device=device)),
         "latency_batch": latency_batch,
+        "device": device_name(device),
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "compiled": compiled,
     }
 
 
 def format_description(name: str, d: dict[str, Any]) -> str:
     return (
         f"{name}: top-1 {d['acc1']:.2f}%, top-5 {d['acc5']:.2f}%, {d['macs'] / 1e6:.2f} MMACs, "
-        f"{d['params'] / 1e6:.3f} M params, {d['latency_ms']:.2f} ms per batch of {d['latency_batch']} (CPU, median)"
+        f"{d['params'] / 1e6:.3f} M params, {d['latency_ms']:.2f} ms per batch of {d['latency_batch']} "
+        f"(median; {d['device']}, {d['dtype']}, {d['threads']} threads{', compiled' if d.get('compiled') else ''})"
     )

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.classification import evaluate_classifier
+from finetune.classification import evaluate_classifier, top1_accuracy
+from finetune.devices import pin_memory
 from finetune.distillation import DistillationLoss
 from finetune.distributed import DistributedContext, init_distributed, shutdown
 from finetune.engine import Engine, EngineConfig
-from finetune.optim import weight_decay_groups
+from finetune.optim import adamw, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables.counting import count_macs
 from supernets import build_supernet
@@ -31,9 +32,9 @@ from supernets.io import atomic_write_text
 from supernets.registry import create_source_model
 from supernets.subnet import VisionTransformerSubnet
 
-from .data import build_dataset, build_loader, num_classes_of
+from .data import build_dataset, build_loader, default_num_workers, num_classes_of
 from .export import export_subnet, load_subnet, read_subnet_source, save_subnet
-from .runs import CONFIG, RunConfig, check_run_directory
+from .runs import CONFIG, RunConfig, check_run_directory, resolve_compute
 
 INITS = ("subnet", "dense")
 
@@ -63,15 +64,19 @@ class FinetuneConfig(RunConfig):
     grad_clip: float | None = 5.0
     model_ema: bool = False
     model_ema_decay: float = 0.9998
-    bf16: bool = False
     # data and run
     data_root: str | None = None
     download: bool = False
     augment: bool = True
-    num_workers: int = 0
+    num_workers: int | None = None  # default: in-process for digits, min(8, cpus) otherwise
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps; every epoch end writes one too
+    log_every: int = 50  # optimizer steps between metrics lines (and progress updates)
     progress: bool = True
+    # compute
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "auto"  # none | bf16 | fp16; auto: bf16 on a CUDA GPU that supports it, else none
+    compile: bool = False  # torch.compile the subnet's training forward
 
 
 class DistillationTask:
@@ -91,7 +96,7 @@ class DistillationTask:
         self.out_dir = out_dir
         self.source = source
 
-    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, targets = batch
         logits = model(images)
         teacher_logits = None
@@ -99,7 +104,7 @@ class DistillationTask:
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
         loss, parts = self.loss(logits, targets, teacher_logits)
-        return loss, {**parts, "acc1": 100 * (logits.argmax(1) == targets).float().mean().item()}
+        return loss, {**parts, "acc1": top1_accuracy(logits, targets)}
 
     def after_step(self, metrics: dict[str, float]) -> None:
         pass
@@ -125,16 +130,17 @@ def run_finetune(config: FinetuneConfig, resume: bool = False) -> dict[str, Any]
     the other DDP ranks."""
     out_dir = Path(config.out)
     _check_config(config)
+    config, device = resolve_compute(config)
     check_run_directory(out_dir, config, resume)
-    context = init_distributed(torch.device("cpu"))
+    context = init_distributed(device)
     try:
-        return _finetune(config, out_dir, resume, context)
+        return _finetune(config, out_dir, resume, context, device)
     finally:
         shutdown(context)
 
 
 def _finetune(
-    config: FinetuneConfig, out_dir: Path, resume: bool, context: DistributedContext
+    config: FinetuneConfig, out_dir: Path, resume: bool, context: DistributedContext, device: torch.device
 ) -> dict[str, Any] | None:
     torch.manual_seed(config.seed)
     student = load_subnet(config.subnet)
@@ -148,8 +154,12 @@ def _finetune(
         raise ValueError(
             f"the subnet has {arch.num_classes} classes but the dataset '{config.data}' {num_classes_of(train_set)}"
         )
-    teacher = build_teacher(config, student, source) if config.distillation != "none" else None
-    val_loader = build_loader(val_set, config.batch_size, train=False, num_workers=config.num_workers)
+    student.to(device)
+    teacher = build_teacher(config, student, source).to(device) if config.distillation != "none" else None
+    workers = default_num_workers(config.data) if config.num_workers is None else config.num_workers
+    val_loader = build_loader(
+        val_set, config.batch_size, train=False, num_workers=workers, pin_memory=pin_memory(device)
+    )
     teacher_metrics = evaluate_classifier(teacher, val_loader) if teacher is not None else None
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,11 +168,11 @@ def _finetune(
 
     torch.manual_seed(config.seed + context.rank)  # dropout and augmentation differ per rank
     train_loader = build_loader(
-        train_set, config.batch_size, train=True, num_workers=config.num_workers, seed=config.seed,
-        distributed=context.enabled,
+        train_set, config.batch_size, train=True, num_workers=workers, seed=config.seed,
+        distributed=context.enabled, pin_memory=pin_memory(device),
     )  # fmt: skip
     student.train()
-    optimizer = torch.optim.AdamW(weight_decay_groups(student, config.weight_decay), lr=config.lr)
+    optimizer = adamw(weight_decay_groups(student, config.weight_decay), lr=config.lr)
     steps = config.epochs * len(train_loader)
     scheduler = warmup_cosine(optimizer, steps, config.warmup_epochs * len(train_loader))
     loss = DistillationLoss(
@@ -172,8 +182,9 @@ def _finetune(
     engine = Engine(
         student, task, {"weights": optimizer}, {"weights": scheduler}, train_loader,
         EngineConfig(
-            out_dir, config.epochs, config.grad_clip, config.checkpoint_every, progress=config.progress,
-            bf16=config.bf16, ema_decay=config.model_ema_decay if config.model_ema else None, best_metric="acc1",
+            out_dir, config.epochs, config.grad_clip, config.checkpoint_every, log_every=config.log_every,
+            progress=config.progress, device=device, amp=config.amp, compile=config.compile,
+            ema_decay=config.model_ema_decay if config.model_ema else None, best_metric="acc1",
         ),
         context,
     )  # fmt: skip
@@ -263,8 +274,9 @@ def _summary(
 def _check_config(config: FinetuneConfig) -> None:
     if config.init not in INITS:
         raise ValueError(f"--init '{config.init}' is not one of {', '.join(INITS)}")
-    if config.epochs < 1:
-        raise ValueError(f"--epochs must be at least 1, got {config.epochs}")
+    for name in ("epochs", "log_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     DistillationLoss(config.distillation, config.distillation_alpha, config.distillation_tau)  # checks the values
     if config.teacher_checkpoint is not None and config.teacher_model is None:
         raise ValueError("--teacher-checkpoint needs --teacher-model, the timm name its weights are for")

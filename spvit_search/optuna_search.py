@@ -31,15 +31,16 @@ from torch.utils.data import DataLoader
 
 from finetune.checkpoint import save_checkpoint
 from finetune.classification import evaluate_classifier
+from finetune.devices import pin_memory, to_device
 from lookup_tables import LookupTable
 from supernets import MIXERS, Architecture, Supernet, build_supernet
 from supernets.io import atomic_write_text
 
 from .complexity import check_budget, parse_budget
-from .data import build_dataset, build_loader, num_classes_of
+from .data import build_dataset, build_loader, default_num_workers, num_classes_of
 from .discrete_spaces import DEFAULT_MLP_RATIOS, DiscreteSpace, discrete_space
 from .export import load_search_supernet
-from .runs import CONFIG, RunConfig
+from .runs import CONFIG, NOT_SETTINGS, RunConfig, resolve_compute
 from .search import SUPERNET, check_num_classes, img_size_of, lookup_table
 
 OBJECTIVES = ("accuracy", "pareto")
@@ -76,9 +77,10 @@ class OptunaConfig(RunConfig):
     batch_size: int = 128
     data_root: str | None = None
     download: bool = False
-    num_workers: int = 0
+    num_workers: int | None = None  # default: in-process for digits, min(8, cpus) otherwise
     seed: int = 0
     progress: bool = True
+    device: str = "auto"  # where candidates are scored: auto | cpu | cuda | cuda:N | mps
 
 
 class SharedWeightEvaluator:
@@ -111,10 +113,11 @@ class SharedWeightEvaluator:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average
             bn.train()
+        device = next(self.net.parameters()).device
         for i, (images, _) in enumerate(self.train_loader):
             if i == self.config.bn_recalibration:
                 break
-            self.net(images)
+            self.net(to_device(images, device))
         for bn in self.batch_norms:
             bn.momentum = 0.1
             bn.eval()
@@ -128,6 +131,7 @@ class SharedWeightEvaluator:
 def run_optuna(config: OptunaConfig) -> dict[str, Any]:
     """Run (or continue, or join) the study until it has `config.trials` finished trials; returns the summary."""
     _check_config(config)
+    config, device = resolve_compute(config)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the run's own files and summary say what happened
     out = Path(config.out)
     img_size = img_size_of(config.model, config.img_size)
@@ -139,10 +143,12 @@ def run_optuna(config: OptunaConfig) -> dict[str, Any]:
     check_budget(target, lut.range(), config.target)
     _prepare_run_directory(out, config, net, lut)
     space = discrete_space(net, config.mixers, config.mlp_ratios)
+    workers = default_num_workers(config.data) if config.num_workers is None else config.num_workers
+    loader = {"batch_size": config.batch_size, "num_workers": workers, "pin_memory": pin_memory(device)}
     evaluator = SharedWeightEvaluator(
-        net,
-        build_loader(val_set, config.batch_size, train=False, num_workers=config.num_workers),
-        build_loader(train_set, config.batch_size, train=True, num_workers=config.num_workers, seed=config.seed),
+        net.to(device),
+        build_loader(val_set, train=False, **loader),
+        build_loader(train_set, train=True, seed=config.seed, **loader),
         config,
     )
     study, storage = _study(config, out)
@@ -355,7 +361,7 @@ def _prepare_run_directory(out: Path, config: OptunaConfig, net: Supernet, lut: 
     saved = out / CONFIG
     if saved.exists():
         previous = OptunaConfig.from_dict(json.loads(saved.read_text()))
-        changed = [k for k, v in asdict(config).items() if k != "progress" and asdict(previous)[k] != v]
+        changed = [k for k, v in asdict(config).items() if k not in NOT_SETTINGS and asdict(previous)[k] != v]
         if changed:
             raise ValueError(f"{out} holds a study with other settings: {', '.join(changed)} differ")
         return

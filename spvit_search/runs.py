@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
+import torch
+
+from finetune.devices import resolve_amp, resolve_device
 from finetune.engine import CHECKPOINT
 from supernets.io import remove_stale_temporaries
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"  # written last: a run directory that holds it is finished
-_NOT_SETTINGS = ("progress", "out")  # may differ on resume: how a run shows and where it lives, not what it computes
+# May differ on resume: how a run shows, where it lives and computes, not what it computes. A run resumed on another
+# device continues from its checkpoint, but bit-identical resume is promised on the same device and dtype only.
+NOT_SETTINGS = ("progress", "out", "device", "compile", "log_every")
 
 
 class RunConfig:
@@ -61,6 +67,18 @@ def _describe(hint: Any) -> str:
     return plain or str(hint).replace("typing.", "")
 
 
+RunConfigT = TypeVar("RunConfigT", bound="RunConfig")
+
+
+def resolve_compute(config: RunConfigT) -> tuple[RunConfigT, torch.device]:
+    """`config` with its `device` and `amp` resolved (`auto` becomes what this machine runs: stored so in
+    config.json) and the device; an unavailable device is refused before any work."""
+    device = resolve_device(config.device)
+    amp = resolve_amp(config.amp, device) if hasattr(config, "amp") else None
+    changes = {"device": str(device)} | ({"amp": amp} if amp is not None else {})
+    return dataclasses.replace(config, **changes), device
+
+
 def check_run_directory(out_dir: Path, config: RunConfig, resume: bool) -> None:
     """Refuse to overwrite a run, or to resume a finished one or one with other settings than `config`."""
     saved = out_dir / CONFIG
@@ -77,7 +95,7 @@ def check_run_directory(out_dir: Path, config: RunConfig, resume: bool) -> None:
     changed = [
         f.name
         for f in fields(config)
-        if f.name not in _NOT_SETTINGS and getattr(previous, f.name) != getattr(config, f.name)
+        if f.name not in NOT_SETTINGS and getattr(previous, f.name) != getattr(config, f.name)
     ]
     if changed:
         raise ValueError(

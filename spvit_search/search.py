@@ -8,6 +8,7 @@ A run directory holds `config.json`, `lut.csv`, `metrics.jsonl`, `arch_epoch{N}.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,19 +19,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.checkpoint import save_checkpoint
-from finetune.classification import evaluate_classifier
+from finetune.classification import evaluate_classifier, top1_accuracy
+from finetune.devices import pin_memory
 from finetune.distributed import DistributedContext, init_distributed, shutdown
 from finetune.engine import Engine, EngineConfig
-from finetune.optim import weight_decay_groups
+from finetune.optim import adamw, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables import LookupTable, build_lookup_table, differentiable_flops
 from supernets import MIXERS, GateConfig, Supernet, build_supernet
 from supernets.io import atomic_write_text
 
 from .complexity import ComplexityLoss, check_budget, parse_budget
-from .data import build_dataset, build_loader, num_classes_of
+from .data import build_dataset, build_loader, default_num_workers, num_classes_of
 from .projection import project_to_budget
-from .runs import CONFIG, RunConfig, check_run_directory
+from .runs import CONFIG, RunConfig, check_run_directory, resolve_compute
 
 SUPERNET = "supernet.safetensors"
 
@@ -75,10 +77,21 @@ class SearchConfig(RunConfig):
     data_root: str | None = None
     download: bool = False
     augment: bool = True
-    num_workers: int = 0
+    num_workers: int | None = None  # default: in-process for digits, min(8, cpus) otherwise
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps; every epoch end writes one too
+    log_every: int = 50  # optimizer steps between metrics lines (and progress updates)
     progress: bool = True
+    # compute
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "auto"  # none | bf16 | fp16; auto: bf16 on a CUDA GPU that supports it, else none
+    compile: bool = False  # the search step stays eager: see SEARCH_COMPILE_NOTE
+
+
+SEARCH_COMPILE_NOTE = (
+    "--compile leaves the search eager: every step runs the candidate its gate draw picked in each block, a different "
+    "graph each time, which torch.compile would recompile or split at every block; it compiles finetune and eval"
+)
 
 
 class SearchTask:
@@ -105,29 +118,35 @@ class SearchTask:
         self.gate_generator = gate_generator
         self.on_target_streak = 0
 
-    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         images, targets = batch
         logits = model(images)
         ce = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
-        flops = differentiable_flops(self.net, self.lut, self.config.estimator)
+        flops = differentiable_flops(self.net, self.lut, self.config.estimator)  # float64, outside autocast's reach
         complexity = self.complexity(flops)
         metrics = {
-            "ce": ce.item(),
-            "complexity": complexity.item(),
-            "macs": flops.item(),
+            "ce": ce.detach(),
+            "complexity": complexity.detach(),
+            "macs": flops.detach(),
             "target_macs": float(self.complexity.target),
-            "lambda": self.complexity.lam,
-            "acc1": 100 * (logits.argmax(1) == targets).float().mean().item(),
-            **gate_statistics(self.net),
+            "acc1": top1_accuracy(logits, targets),
         }
         return ce + complexity.to(ce.dtype), metrics
 
-    def after_step(self, metrics: dict[str, float]) -> None:
+    def after_step(self, metrics: dict[str, torch.Tensor | float]) -> None:
         self.complexity.update(metrics["macs"])
+
+    def state_metrics(self) -> dict[str, torch.Tensor | float]:
+        return {"lambda": self.complexity.lam, **gate_statistics(self.net)}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         arch = self.net.architecture()
-        metrics = evaluate_classifier(model, self.val_loader)
+        # Fixed for the pass over the val set: the gates are read once, not per block and batch.
+        self.net.fix_architecture(arch)
+        try:
+            metrics = evaluate_classifier(model, self.val_loader)
+        finally:
+            self.net.release_architecture()
         metrics["macs"] = float(self.lut.flops(arch))
         metrics["params"] = float(self.lut.params(arch))
         return metrics
@@ -141,33 +160,39 @@ class SearchTask:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "lam": self.complexity.lam,
+            "lam": float(self.complexity.lam),
             "on_target_streak": self.on_target_streak,
             "gate_generator": self.gate_generator.get_state(),
+            "gate_generator_device": self.gate_generator.device.type,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.complexity.lam = state["lam"]
         self.on_target_streak = state["on_target_streak"]
-        self.gate_generator.set_state(state["gate_generator"])
+        # A generator's state fits only a generator of the same kind of device: resumed elsewhere, the gate draws
+        # continue from this run's seed instead.
+        if state.get("gate_generator_device", "cpu") == self.gate_generator.device.type:
+            self.gate_generator.set_state(state["gate_generator"])
 
 
-def gate_statistics(net: Supernet) -> dict[str, float]:
-    """How many MLP units are kept, how confident the gates are, and how many blocks use each mixer."""
+def gate_statistics(net: Supernet) -> dict[str, torch.Tensor]:
+    """How many MLP units are kept, how confident the gates are, and how many blocks use each mixer, as device
+    tensors (read at log points with the step metrics)."""
     mlp_logits = torch.cat([b.mlp.gates.logits.detach() for b in net.blocks])
+    attn_logits = torch.stack([b.attn.gates.logits.detach() for b in net.blocks])  # (depth, 3)
+    mixers = torch.cumprod((attn_logits > 0).to(torch.int64), 1).sum(1)  # (depth,): index into MIXERS
+    counts = torch.bincount(mixers, minlength=len(MIXERS))
     stats = {
-        "mlp_kept": (mlp_logits > 0).float().mean().item(),
-        "mlp_gate_prob": torch.sigmoid(mlp_logits).mean().item(),
+        "mlp_kept": (mlp_logits > 0).float().mean(),
+        "mlp_gate_prob": torch.sigmoid(mlp_logits).mean(),
+        **{f"blocks_{m}": counts[i] for i, m in enumerate(MIXERS)},
     }
-    mixers = [b.attn.current_mixer() for b in net.blocks]
-    stats.update({f"blocks_{m}": float(mixers.count(m)) for m in MIXERS})
     # Per block, the probability of each cumulative attention gate and the mean MLP gate probability:
     # `gate.{i}.msa` is P(the msa gate is on), the reports draw these as trajectories.
-    attn_probs = torch.stack([b.attn.gates.logits.detach() for b in net.blocks]).sigmoid()  # (depth, 3)
-    mlp_probs = torch.stack([b.mlp.gates.logits.detach().sigmoid().mean() for b in net.blocks])  # (depth,)
-    for i, (probs, mlp_prob) in enumerate(zip(attn_probs.tolist(), mlp_probs.tolist(), strict=True)):
-        stats.update({f"gate.{i}.{m}": p for m, p in zip(MIXERS[1:], probs, strict=True)})
-        stats[f"gate.{i}.mlp"] = mlp_prob
+    attn_probs = attn_logits.sigmoid()
+    for i, block in enumerate(net.blocks):
+        stats.update({f"gate.{i}.{m}": attn_probs[i, j] for j, m in enumerate(MIXERS[1:])})
+        stats[f"gate.{i}.mlp"] = block.mlp.gates.logits.detach().sigmoid().mean()
     return stats
 
 
@@ -176,16 +201,18 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
     process, None on the other DDP ranks."""
     out_dir = Path(config.out)
     _check_config(config)
+    config, device = resolve_compute(config)
     check_run_directory(out_dir, config, resume)
-    device = torch.device("cpu")
     context = init_distributed(device)
     try:
-        return _search(config, out_dir, resume, context)
+        return _search(config, out_dir, resume, context, device)
     finally:
         shutdown(context)
 
 
-def _search(config: SearchConfig, out_dir: Path, resume: bool, context: DistributedContext) -> dict[str, Any] | None:
+def _search(
+    config: SearchConfig, out_dir: Path, resume: bool, context: DistributedContext, device: torch.device
+) -> dict[str, Any] | None:
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     img_size = img_size_of(config.model, config.img_size)
     train_set = build_dataset(config.data, "train", img_size, config.download, config.data_root, config.augment)
@@ -200,27 +227,34 @@ def _search(config: SearchConfig, out_dir: Path, resume: bool, context: Distribu
         gates=GateConfig(config.gate_init, config.gate_temperature, config.head_mix_temperature),
         **config.model_kwargs,
     )
-    lut = lookup_table(net, config.convention, config.lut)
+    lut = lookup_table(net, config.convention, config.lut)  # counted on the CPU, before the move
     target = parse_budget(config.target, lut.dense_flops())
     check_budget(target, lut.range(full_size=True), config.target)  # the gates choose at full depth and width
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
         lut.save(out_dir / "lut.csv")
+        if config.compile:
+            print(f"spvit: note: {SEARCH_COMPILE_NOTE}", file=sys.stderr)
 
+    net.to(device)
     torch.manual_seed(config.seed + context.rank)  # dropout and augmentation differ per rank
-    gate_generator = torch.Generator().manual_seed(config.seed + (0 if config.sync_gates else context.rank))
+    gate_seed = config.seed + (0 if config.sync_gates else context.rank)
+    gate_generator = torch.Generator(device=device).manual_seed(gate_seed)
     net.set_gate_generator(gate_generator)
+    workers = default_num_workers(config.data) if config.num_workers is None else config.num_workers
     train_loader = build_loader(
-        train_set, config.batch_size, train=True, num_workers=config.num_workers, seed=config.seed,
-        distributed=context.enabled,
+        train_set, config.batch_size, train=True, num_workers=workers, seed=config.seed,
+        distributed=context.enabled, pin_memory=pin_memory(device),
     )  # fmt: skip
-    val_loader = build_loader(val_set, config.batch_size, train=False, num_workers=config.num_workers)
+    val_loader = build_loader(
+        val_set, config.batch_size, train=False, num_workers=workers, pin_memory=pin_memory(device)
+    )
 
     gates = net.gate_parameters()
     optimizers = {
-        "weights": torch.optim.AdamW(weight_decay_groups(net, config.weight_decay, exclude=gates), lr=config.lr),
-        "gates": torch.optim.AdamW(gates, lr=config.gate_lr, weight_decay=0.0),
+        "weights": adamw(weight_decay_groups(net, config.weight_decay, exclude=gates), lr=config.lr),
+        "gates": adamw(gates, lr=config.gate_lr),
     }
     steps = config.epochs * len(train_loader)
     schedulers = {"weights": warmup_cosine(optimizers["weights"], steps, config.warmup_epochs * len(train_loader))}
@@ -229,7 +263,8 @@ def _search(config: SearchConfig, out_dir: Path, resume: bool, context: Distribu
     engine = Engine(
         net, task, optimizers, schedulers, train_loader,
         EngineConfig(
-            out_dir, config.epochs, config.grad_clip, config.checkpoint_every, progress=config.progress,
+            out_dir, config.epochs, config.grad_clip, config.checkpoint_every, log_every=config.log_every,
+            progress=config.progress, device=device, amp=config.amp,
             find_unused_parameters=True,  # the candidates a step did not sample get no gradient
         ),
         context,
@@ -271,7 +306,7 @@ def _finish(
         "steps": engine.step,
         "mixers": {m: arch.mixers.count(m) for m in MIXERS},
         "mlp_kept": sum(len(b.mlp_kept) for b in arch.blocks) / sum(net.mlp_hidden),
-        "lambda": engine.task.complexity.lam,
+        "lambda": float(engine.task.complexity.lam),
     }
     if not context.is_main:
         return None
@@ -282,9 +317,9 @@ def _finish(
 
 
 def _check_config(config: SearchConfig) -> None:
-    for name in ("epochs", "patience"):
+    for name in ("epochs", "patience", "log_every"):
         if getattr(config, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be 0 (epoch ends only) or positive, got {config.checkpoint_every}")
     if not config.tolerance > 0:

@@ -80,6 +80,9 @@ class UnifiedAttention(nn.Module):
         self.act = nn.ReLU()
         self.gates = BinaryGates(len(MIXERS) - 1, gates.init, gates.temperature)  # [bconv1, bconv3, msa]
         self.fixed_mixer: str | None = None
+        # One training forward's draw of the cumulative gates and the mixer it picks, set by the supernet for all
+        # blocks at once (one host read per step); None while this layer draws for itself.
+        self.drawn: tuple[torch.Tensor, str] | None = None
 
     @classmethod
     def from_timm(
@@ -114,6 +117,11 @@ class UnifiedAttention(nn.Module):
         if qkv.bias is not None:
             self.qk.bias.copy_(qkv.bias[: 2 * a])
             self.v.bias.copy_(qkv.bias[2 * a :])
+
+    def draw_gates(self) -> torch.Tensor:
+        """A training draw of the cumulative gates [bconv1, bconv3, msa]: each exactly 0 or 1 in value, with the
+        straight-through gradient of the relaxed sample. The number of ones picks the mixer: MIXERS[sum]."""
+        return torch.cumprod(self.gates(), 0)
 
     def current_mixer(self) -> str:
         """The mixer chosen by the deterministic rule: the cheapest-first run of gates with logit > 0."""
@@ -242,12 +250,16 @@ class UnifiedAttention(nn.Module):
         return self._with_prefix(self._project_conv(y, self.bn1 if kernel_size == 1 else self.bn3, proj))
 
     def _forward_search(self, x: torch.Tensor) -> torch.Tensor:
-        c = torch.cumprod(self.gates(), 0)  # cumulative [bconv1, bconv3, msa], each 0 or 1 in value
+        if self.drawn is None:  # on its own, outside a supernet's forward
+            c = self.draw_gates()
+            chosen = MIXERS[int(c.detach().sum())]
+        else:
+            c, chosen = self.drawn
         coefficients = {"bconv1": c[0] - c[1], "bconv3": c[1] - c[2], "msa": c[2]}
-        # At most one coefficient is 1 (none: skip), the single path that trains. The others need only their
-        # candidate's value, for the gates' straight-through gradient, so they run without autograd: their
-        # weights get no gradient this step (single-path training) and their backward costs nothing.
-        trains = {mixer: torch.is_grad_enabled() and bool(k.detach() != 0) for mixer, k in coefficients.items()}
+        # Only the chosen candidate's coefficient is 1 (none: skip): the single path that trains. The others need
+        # only their candidate's value, for the gates' straight-through gradient, so they run without autograd:
+        # their weights get no gradient this step (single-path training) and their backward costs nothing.
+        trains = {mixer: torch.is_grad_enabled() and mixer == chosen for mixer in coefficients}
         with torch.set_grad_enabled(any(trains.values())):
             v = F.linear(x, self.v.weight)  # (B, N, A), bias added per candidate
         outputs = {}
@@ -258,7 +270,10 @@ class UnifiedAttention(nn.Module):
                 else:
                     outputs[mixer] = self._search_conv(v, CONV_KERNEL_SIZE[mixer])  # patch tokens only
         k = torch.stack([coefficients["bconv1"], coefficients["bconv3"], coefficients["msa"]])
-        return _SinglePathSum.apply(k, outputs["bconv1"], outputs["bconv3"], outputs["msa"], self.num_prefix_tokens)
+        path = MIXERS.index(chosen) - 1  # index into [bconv1, bconv3, msa]; -1: skip
+        return _SinglePathSum.apply(
+            k, outputs["bconv1"], outputs["bconv3"], outputs["msa"], self.num_prefix_tokens, path if path >= 0 else None
+        )
 
     def _search_conv(self, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
         """bconv_k update of the patch tokens (B, gh·gw, D) from the bias-free value projection v (B, N, A).
@@ -287,7 +302,7 @@ class UnifiedAttention(nn.Module):
 
 
 class _SinglePathSum(torch.autograd.Function):
-    """Σ k_i·out_i over [bconv1, bconv3, msa] for coefficients k, each exactly 0 or 1 with at most one 1.
+    """Σ k_i·out_i over [bconv1, bconv3, msa] for coefficients k, each exactly 0 or 1 with at most one 1, at `chosen`.
 
     The value is the one chosen candidate's output (zeros for skip), with no multiply or add over the
     activations; the backward gives each coefficient its straight-through gradient ⟨grad, out_i⟩ and the
@@ -295,10 +310,10 @@ class _SinglePathSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k, conv1, conv3, msa, num_prefix_tokens):  # conv: (B, gh·gw, D), msa: (B, N, D)
+    def forward(ctx, k, conv1, conv3, msa, num_prefix_tokens, chosen):  # conv: (B, gh·gw, D), msa: (B, N, D)
         ctx.save_for_backward(conv1, conv3, msa)
         ctx.num_prefix_tokens = num_prefix_tokens
-        ctx.chosen = next((i for i, value in enumerate(k.tolist()) if value != 0), None)
+        ctx.chosen = chosen  # the index of k's one 1, known on the host: reading k would sync the device
         if ctx.chosen == 2:
             return msa.clone()
         if ctx.chosen is None:
@@ -314,4 +329,4 @@ class _SinglePathSum(torch.autograd.Function):
         grads = [None, None, None]
         if ctx.chosen is not None:
             grads[ctx.chosen] = grad if ctx.chosen == 2 else patches
-        return grad_k, *grads, None
+        return grad_k, *grads, None, None

@@ -14,7 +14,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer, global_pool_nlc
 from torch import nn
 
-from .architecture import Architecture, BlockChoice
+from .architecture import MIXERS, Architecture, BlockChoice
 from .gates import BinaryGates, GateConfig
 from .unified_attention import UnifiedAttention
 from .unified_mlp import UnifiedMlp
@@ -175,6 +175,21 @@ class Supernet(nn.Module):
     blocks: nn.Sequential
     _fixed: Architecture | None
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(_draw_before_forward)
+        self.register_forward_hook(_forget_draw_after_forward, always_call=True)
+
+    def draw_gates(self) -> None:
+        """Draw every block's attention gates for one training forward, and read the mixers they pick back from the
+        device once for all blocks: the single path must be known on the host, and one read per block would stall
+        the GPU once per block."""
+        attentions = [block.attn for block in self.blocks]
+        cumulative = [attn.draw_gates() for attn in attentions]
+        counts = torch.stack([c.detach() for c in cumulative]).sum(1).tolist()  # the step's one host read
+        for attn, c, count in zip(attentions, cumulative, counts, strict=True):
+            attn.drawn = (c, MIXERS[int(count)])
+
     @property
     def depth(self) -> int:
         return len(self.blocks)
@@ -205,8 +220,17 @@ class Supernet(nn.Module):
         return Architecture(self.name, self.img_size, self.num_classes, tuple(blocks))
 
     def architecture(self) -> Architecture:
-        """The deterministic choice of the current gates (logit > 0)."""
-        blocks = [BlockChoice(b.attn.current_mixer(), tuple(b.mlp.kept_units().tolist())) for b in self.blocks]
+        """The deterministic choice of the current gates (logit > 0), read from the device at once."""
+        attn_on = torch.stack([b.attn.gates.is_on() for b in self.blocks]).to(torch.int64)  # (depth, 3)
+        mixers = torch.cumprod(attn_on, 1).sum(1)  # (depth,): the cheapest-first run of gates that are on
+        mlp_on = torch.cat([b.mlp.gates.is_on() for b in self.blocks]).to(torch.int64)  # (Σ hidden,)
+        values = torch.cat([mixers, mlp_on]).tolist()
+        mixer_counts, mlp_flags = values[: self.depth], values[self.depth :]
+        blocks, start = [], 0
+        for count, hidden in zip(mixer_counts, self.mlp_hidden, strict=True):
+            kept = tuple(i for i, on in enumerate(mlp_flags[start : start + hidden]) if on)
+            blocks.append(BlockChoice(MIXERS[count], kept))
+            start += hidden
         return Architecture(self.name, self.img_size, self.num_classes, tuple(blocks))
 
     def validate_architecture(self, arch: Architecture) -> None:
@@ -246,6 +270,16 @@ class Supernet(nn.Module):
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gate logits, which train with their own optimizer and no weight decay."""
         return [m.logits for m in self.modules() if isinstance(m, BinaryGates)]
+
+
+def _draw_before_forward(net: Supernet, _args: Any) -> None:
+    if net.training and net.fixed_architecture is None:
+        net.draw_gates()
+
+
+def _forget_draw_after_forward(net: Supernet, _args: Any, _output: Any) -> None:
+    for block in net.blocks:
+        block.attn.drawn = None
 
 
 class VisionTransformerSupernet(ViTStemAndHead, Supernet):

@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny timm ViTs with non-trivial weights, and their supernets."""
+"""Shared fixtures: tiny timm ViTs with non-trivial weights, and their supernets; the device the suite runs on.
+
+The suite runs on the CPU unless `SPVIT_TEST_DEVICE` names another device (`cuda`, `cuda:1`, `mps`). On the CPU the
+GPUs are hidden, so that every `--device auto` (the commands' default) picks the CPU too, in this process and in the
+processes the tests start. Tests marked `cpu_only` say why they only make sense there, and are skipped elsewhere.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +18,34 @@ from helpers import TINY, random_architecture, randomize_, write_image_folder
 from safetensors.torch import save_file
 
 from finetune.classification import train_classifier
+from finetune.devices import resolve_device
 from spvit_search.cli import main
 from spvit_search.data import build_dataset, build_loader
 from spvit_search.export import export_subnet, save_subnet
 from supernets import VisionTransformerSupernet, build_supernet
+
+TEST_DEVICE = os.environ.get("SPVIT_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CUDA starts lazily: nothing above has looked for a GPU yet
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cpu_only(reason): the test only makes sense on the CPU")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if TEST_DEVICE == "cpu":
+        return
+    for item in items:
+        marker = item.get_closest_marker("cpu_only")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"CPU only: {marker.kwargs.get('reason', '')}"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the suite runs on (`SPVIT_TEST_DEVICE`, default the CPU)."""
+    return resolve_device(TEST_DEVICE)
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from spvit_search.data import build_dataset
 from spvit_search.demo import DemoConfig, run_demo, train_dense_model
 from spvit_search.export import load_subnet
@@ -29,6 +31,6 @@ def test_demo_runs_every_step_and_reuses_the_dense_model(tmp_path, capsys):
     # A second run reuses the dense model while its settings stay the same.
     train = build_dataset(config.data, "train", config.img_size)
     val = build_dataset(config.data, "val", config.img_size, augment=False)
-    weights = train_dense_model(config, out / "dense", train, val, 10)
+    weights = train_dense_model(config, out / "dense", train, val, classes=10, device=torch.device("cpu"))
     assert "reusing" in capsys.readouterr().out
     assert weights == out / "dense" / "model.safetensors"

@@ -50,14 +50,18 @@ class RegressionTask:
         self.steps = state["steps"]
 
 
-def make_engine(out: Path, task: RegressionTask, checkpoint_every: int = 0, ema_decay: float | None = None) -> Engine:
+def make_engine(
+    out: Path, task: RegressionTask, checkpoint_every: int = 0, ema_decay: float | None = None, amp: str = "none"
+) -> Engine:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(40, 4), torch.randn(40, 2))
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, 1, 0, shuffle=True, seed=0))
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 3)
-    config = EngineConfig(out, epochs=3, checkpoint_every=checkpoint_every, progress=False, ema_decay=ema_decay)
+    config = EngineConfig(
+        out, epochs=3, checkpoint_every=checkpoint_every, progress=False, ema_decay=ema_decay, amp=amp, log_every=2
+    )
     return Engine(model, task, {"weights": optimizer}, {"weights": scheduler}, loader, config)
 
 
@@ -160,7 +164,8 @@ def test_best_and_last_models_follow_the_best_metric(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.safetensors")[1]["best"] == 2.0
 
 
-def test_bf16_autocast_runs_the_forward_in_bfloat16(tmp_path):
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_runs_the_forward_in_its_dtype(tmp_path, amp, dtype):
     seen = []
 
     class DtypeTask(RegressionTask):
@@ -169,9 +174,23 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16(tmp_path):
             seen.append(model(batch[0]).dtype)
             return loss, metrics
 
-    engine = make_engine(tmp_path, DtypeTask())
-    engine.config.bf16 = True
+    engine = make_engine(tmp_path, DtypeTask(), amp=amp)
     engine.config.epochs = 1
     engine.fit()
-    assert set(seen) == {torch.bfloat16}
+    assert set(seen) == {dtype}
     assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+
+
+def test_fp16_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
+    engine = make_engine(tmp_path, RegressionTask(), amp="fp16")
+    assert engine.scaler is not None
+    engine.config.epochs = 1
+    # A scale the default (65536) would not have: the resumed scaler must carry it.
+    engine.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    engine.fit()
+    saved = engine.scaler.state_dict()
+    assert saved["scale"] == 1024.0 and saved["_growth_tracker"] == 5  # 5 steps without an overflow
+
+    resumed = make_engine(tmp_path, RegressionTask(), amp="fp16")
+    resumed.resume(finished_ok=True)
+    assert resumed.scaler.state_dict() == saved

@@ -43,7 +43,7 @@ def one_thread():
 def finetune_args(subnet: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "finetune", "--subnet", str(subnet), "--data", str(data), "--out", str(out), "--batch-size", "4",
-        "--distillation", "none", "--no-progress", "--checkpoint-every", "2", *extra,
+        "--distillation", "none", "--no-progress", "--checkpoint-every", "2", "--log-every", "1", *extra,
     ]  # fmt: skip
 
 

@@ -152,7 +152,7 @@ def test_ddp_finetune_writes_one_set_of_outputs(subnet_dir, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "spvit_search.cli",
-         *finetune_args(subnet_dir, out, "--epochs", "1", "--batch-size", "32")],
+         *finetune_args(subnet_dir, out, "--epochs", "1", "--batch-size", "32", "--log-every", "1")],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
