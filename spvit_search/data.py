@@ -50,7 +50,7 @@ DEFAULT_TORCH_ROOT = Path.home() / ".cache" / "spvit-search" / "datasets"
 MAX_DEFAULT_WORKERS = 8
 """Most worker processes `default_num_workers` gives: enough to keep one GPU fed with ImageNet-sized JPEGs."""
 PREFETCH_FACTOR = 4
-"""Batches each worker keeps ready. A worker takes about `num_workers` steps to decode one batch, so with timm's
+"""Batches each worker keeps ready. A worker takes about `num_workers` steps to decode one batch, so with PyTorch's
 default of 2 a single slow batch (a large JPEG, a page-cache miss) stalls the device; 4 absorbs it for
 4 * num_workers batches of host memory."""
 _VAL_DIRS = ("val", "validation")

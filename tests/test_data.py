@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import write_image_folder
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 from spvit_search.data import (
     DataConfig,
@@ -15,6 +15,7 @@ from spvit_search.data import (
     build_dataset,
     build_loader,
     build_loaders,
+    default_num_workers,
     holdout_split,
     num_classes_of,
 )
@@ -114,6 +115,52 @@ def test_build_loaders_from_config():
     images, targets = next(iter(train))
     assert images.shape == (100, 3, 16, 16) and len(targets) == 100
     assert len(train.dataset) + len(val.dataset) == 1797
+
+
+def test_default_num_workers(monkeypatch):
+    assert default_num_workers("digits") == 0  # in memory already: workers would only add start-up time
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(3)), raising=False)
+    assert default_num_workers("torch/cifar10") == default_num_workers("/data/imagenet") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_num_workers("/data/imagenet") == 8
+
+
+def test_loader_workers_persist_prefetch_and_pin_on_request():
+    dataset = build_dataset("digits", "val", 8)
+    in_process = build_loader(dataset, 32, train=False)
+    assert (in_process.num_workers, in_process.persistent_workers, in_process.pin_memory) == (0, False, False)
+    workers = build_loader(dataset, 32, train=False, num_workers=2, pin_memory=True)
+    assert workers.persistent_workers and workers.prefetch_factor == 4 and workers.pin_memory
+
+
+def _epoch(loader: DataLoader, epoch: int, seed: int) -> list[torch.Tensor]:
+    """One epoch's images, laid out as the Engine lays an epoch out (set_epoch, then the generator at seed + epoch)."""
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(seed + epoch)
+    return [images for images, _ in loader]
+
+
+def test_persistent_worker_augmentation_depends_only_on_seed_and_epoch(image_folder):
+    """Workers persist across epochs; epoch e must still look the same to a run resumed at e, from its start or from
+    the middle (the Engine's mid-epoch loader over the rest of the sampler's keys), as to an uninterrupted run."""
+    dataset = build_dataset(image_folder, "train", 16)  # timm's train transform: random crop, flip, colour jitter
+    seed, last, batch = 3, 2, 4
+    uninterrupted = build_loader(dataset, batch, train=True, num_workers=2, seed=seed)
+    epochs = [_epoch(uninterrupted, e, seed) for e in range(last + 1)]
+    resumed = _epoch(build_loader(dataset, batch, train=True, num_workers=2, seed=seed), last, seed)
+    assert len(resumed) == len(epochs[last]) == 8
+    assert all(torch.equal(a, b) for a, b in zip(resumed, epochs[last], strict=True))
+
+    fresh = build_loader(dataset, batch, train=True, num_workers=2, seed=seed)
+    fresh.sampler.set_epoch(last)
+    rest = DataLoader(fresh.dataset, batch_size=batch, sampler=list(fresh.sampler)[3 * batch :], num_workers=2,
+                      collate_fn=fresh.collate_fn, generator=fresh.generator)  # fmt: skip
+    assert all(torch.equal(a, b) for (a, _), b in zip(rest, epochs[last][3:], strict=True))
+
+    plain = build_dataset(image_folder, "train", 16, augment=False)
+    unaugmented = _epoch(build_loader(plain, batch, train=True, num_workers=2, seed=seed), last, seed)
+    assert not any(torch.equal(a, b) for a, b in zip(unaugmented, epochs[last], strict=True))  # augmentation is on
+    assert not torch.equal(torch.cat(epochs[0]).sum(0), torch.cat(epochs[1]).sum(0))  # and redrawn every epoch
 
 
 # --- folders ------------------------------------------------------------------------------------------------------
