@@ -67,9 +67,9 @@ def test_an_unavailable_device_fails_before_any_work(command, folder_subnet, tmp
     assert not out.exists()
 
 
-def _search(dense_checkpoint, out, *extra):
-    args = ["search", *TINY, "--checkpoint", str(dense_checkpoint), "--out", str(out), "--target", "0.6x"]
-    return main([*args, "--epochs", "2", "--gate-lr", "0.05", "--checkpoint-every", "10", "--patience", "9", *extra])
+def _search(data, out, *extra):
+    args = ["search", *TINY, "--data", str(data), "--batch-size", "4", "--out", str(out), "--target", "0.6x"]
+    return main([*args, "--epochs", "2", "--checkpoint-every", "5", "--patience", "9", "--workers", "0", *extra])
 
 
 def _interrupt_after(monkeypatch, steps: int) -> None:
@@ -85,13 +85,13 @@ def _interrupt_after(monkeypatch, steps: int) -> None:
 
 
 @pytest.mark.cpu_only(reason="bf16 on the CPU, and bit-identical resume (CUDA kernels need not be deterministic)")
-def test_bf16_search_on_the_cpu_checkpoints_and_resumes(dense_checkpoint, tmp_path, monkeypatch):
+def test_bf16_search_on_the_cpu_checkpoints_and_resumes(image_folder, tmp_path, monkeypatch):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert _search(dense_checkpoint, straight, "--amp", "bf16") == 0
+    assert _search(image_folder, straight, "--amp", "bf16") == 0  # 2 epochs of 8 steps
     with monkeypatch.context() as patch:
-        _interrupt_after(patch, 13)
-        assert _search(dense_checkpoint, interrupted, "--bf16") == 130
-    assert _search(dense_checkpoint, interrupted, "--amp", "bf16", "--resume") == 0
+        _interrupt_after(patch, 7)  # past the checkpoint at step 5
+        assert _search(image_folder, interrupted, "--bf16") == 130
+    assert _search(image_folder, interrupted, "--amp", "bf16", "--resume") == 0
     config = json.loads((straight / "config.json").read_text())
     assert (config["device"], config["amp"]) == ("cpu", "bf16")
     records = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
