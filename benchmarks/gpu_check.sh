@@ -84,7 +84,7 @@ stage "GPUs" nvidia-smi -L
 stage "venv" setup_venv
 stage "versions" versions
 if wanted tests; then
-    stage "tests on CUDA" env SPVIT_TEST_DEVICE=cuda timeout "$TEST_TIMEOUT" .venv/bin/python -m pytest -q -x
+    stage "tests on CUDA" env SPVIT_TEST_DEVICE=cuda SPVIT_TEST_COMPILE_BACKEND=inductor timeout "$TEST_TIMEOUT" .venv/bin/python -m pytest -q -x
 fi
 if wanted throughput; then
     stage "throughput, eager" throughput "$THROUGHPUT_TIMEOUT" throughput_cuda.json --steps 8 --amp bf16 none \

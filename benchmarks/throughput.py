@@ -7,9 +7,8 @@ What it measures, per model (timm's `deit_tiny_patch16_224` and `deit_small_patc
   fused AdamW, gradient clipping at 5), the step `train_classifier` runs: the baseline.
 - search: one `Engine.train_step` of the supernet with `SearchTask`, assembled as `spvit search` assembles it
   (gates at their initial value and sampled from a device generator, cross-entropy plus the complexity loss of
-  the lookup table's differentiable MACs at a 0.5x target, AdamW on the weights and on the gates). `spvit search`
-  leaves the supernet eager (`SEARCH_COMPILE_NOTE`); the compiled variant tries the same engine with
-  `compile=True` to show what compiling would give, and reports in one line why when it fails.
+  the lookup table's differentiable MACs at a 0.5x target, AdamW on the weights and on the gates); compiled, as
+  `spvit search --compile` runs it (graph breaks at the gate draws), and a failing compile is reported in one line.
 - finetune: one `Engine.train_step` of a 0.5x subnet with `DistillationTask` and soft KD from the dense teacher
   (the teacher's no-grad forward included), as `spvit finetune` runs it. The architecture: every gate logit
   drawn from N(0, 1) and `project_to_budget` to 0.5x of the dense MACs (as `subnet_speed.py` draws them), checked
@@ -74,7 +73,7 @@ from spvit_search.data import build_dataset, build_loader, default_num_workers
 from spvit_search.export import export_subnet
 from spvit_search.finetuning import DistillationTask, FinetuneConfig, build_teacher
 from spvit_search.projection import project_to_budget
-from spvit_search.search import SEARCH_COMPILE_NOTE, SearchConfig, SearchTask
+from spvit_search.search import SearchConfig, SearchTask
 from supernets import MIXERS, GateConfig, build_supernet
 from supernets.registry import create_source_model
 
@@ -457,8 +456,8 @@ def results_body(results: dict[str, Any], device: torch.device) -> str:
         f"torch {results['torch']}, timm {results['timm']}, {results['num_threads']} torch threads, batch "
         f"{results['batch']}, float32 weights with the amp column's autocast. Median images/s (ms/step) of "
         f"{results['steps']} timed rounds{compiled}, after {results['warmup']} warm-up rounds, every step and "
-        f"variant interleaved in one process. `spvit search` itself leaves the search eager ({SEARCH_COMPILE_NOTE}); "
-        "its compiled rows are the same engine with `compile=True`."
+        "variant interleaved in one process; a compiled row is the same engine with `compile=True`, as `--compile` "
+        "runs it."
     )
     return f"{header}\n\n{markdown_tables(results, device)}"
 
@@ -533,8 +532,6 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} torch threads",
         flush=True,
     )
-    if any(v.compile for v in variants):
-        print(f"note: `spvit search` leaves the search eager ({SEARCH_COMPILE_NOTE}); tried compiled here", flush=True)
     loader = measure_loader(MODELS[args.models[0]].img_size, batch, 8, args.loader_epochs, device)
     print(f"loader alone: {loader['images_per_s_median']:.1f} img/s ({loader['workers']} workers)", flush=True)
     rows, info = [], {}
@@ -574,7 +571,6 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "compile_steps": args.compile_steps,
         "warmup": args.warmup,
-        "search_compile_note": SEARCH_COMPILE_NOTE,
         "loader": loader,
         "models": info,
         "rows": rows,

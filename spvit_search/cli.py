@@ -346,8 +346,10 @@ def run_search_command(args: argparse.Namespace) -> None:
 
 
 def run_optuna_command(args: argparse.Namespace) -> None:
-    from .optuna_search import OptunaConfig, run_optuna
+    from .optuna_search import COMPILE_NOTE, OptunaConfig, run_optuna
 
+    if args.compile:
+        print(f"spvit: note: {COMPILE_NOTE}", file=sys.stderr)
     if args.resume:
         raise ValueError("--strategy optuna continues a study by running the same command again, without --resume")
     config = OptunaConfig(

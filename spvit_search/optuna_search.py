@@ -47,6 +47,10 @@ OBJECTIVES = ("accuracy", "pareto")
 SAMPLERS = ("tpe", "random", "nsga2")
 JOURNAL = "study.journal"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+COMPILE_NOTE = (
+    "--compile leaves the Optuna strategy eager: every trial fixes another architecture, a new graph that "
+    "torch.compile would compile anew for one pass over the val set"
+)
 
 
 @dataclass

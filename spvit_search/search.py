@@ -8,7 +8,6 @@ A run directory holds `config.json`, `lut.csv`, `metrics.jsonl`, `arch_epoch{N}.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,13 +84,7 @@ class SearchConfig(RunConfig):
     # compute
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # none | bf16 | fp16; auto: bf16 on a CUDA GPU that supports it, else none
-    compile: bool = False  # the search step stays eager: see SEARCH_COMPILE_NOTE
-
-
-SEARCH_COMPILE_NOTE = (
-    "--compile leaves the search eager: every step runs the candidate its gate draw picked in each block, a different "
-    "graph each time, which torch.compile would recompile or split at every block; it compiles finetune and eval"
-)
+    compile: bool = False  # torch.compile the supernet's training forward (graph breaks at the gate draws)
 
 
 class SearchTask:
@@ -234,8 +227,6 @@ def _search(
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
         lut.save(out_dir / "lut.csv")
-        if config.compile:
-            print(f"spvit: note: {SEARCH_COMPILE_NOTE}", file=sys.stderr)
 
     net.to(device)
     torch.manual_seed(config.seed + context.rank)  # dropout and augmentation differ per rank
@@ -264,7 +255,7 @@ def _search(
         net, task, optimizers, schedulers, train_loader,
         EngineConfig(
             out_dir, config.epochs, config.grad_clip, config.checkpoint_every, log_every=config.log_every,
-            progress=config.progress, device=device, amp=config.amp,
+            progress=config.progress, device=device, amp=config.amp, compile=config.compile,
             find_unused_parameters=True,  # the candidates a step did not sample get no gradient
         ),
         context,

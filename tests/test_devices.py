@@ -5,6 +5,7 @@ device; a compiled subnet computes what the eager one does."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from finetune.devices import available_devices, resolve_amp, resolve_device
 from finetune.engine import Engine, EngineConfig
 from spvit_search.cli import main
-from spvit_search.export import load_subnet
+from spvit_search.export import export_subnet
+from supernets import Architecture, BlockChoice, build_supernet
 
 TINY = ["--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
@@ -154,11 +156,25 @@ def test_the_engine_trains_on_the_suite_device(device, tmp_path):
     assert [r["step"] for r in lines if "mean" in r] == [2, 4]  # a line per log interval, means of 2 steps each
 
 
-def test_a_compiled_subnet_matches_the_eager_one(folder_subnet, device):
-    subnet = load_subnet(folder_subnet).to(device).eval()
+def test_compiled_search_and_subnet_forwards_match_the_eager_ones(device):
+    """What `--compile` compiles: the supernet's search forward (the same gate draws, graph breaks at each) and the
+    exported subnet's forward. Two blocks, and by default the `aot_eager` backend: dynamo's capture (hooks, graph
+    breaks, the autograd function) and AOT autograd, without inductor's C++ build, which costs about a minute on 2
+    CPU cores. `SPVIT_TEST_COMPILE_BACKEND=inductor` (set by benchmarks/gpu_check.sh) checks the real kernels."""
+    backend = os.environ.get("SPVIT_TEST_COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    net = build_supernet("test_vit", img_size=32, num_classes=10, patch_size=4, depth=2).to(device).train()
     images = torch.randn(4, 3, 32, 32, device=device)
-    with torch.no_grad():
-        eager = subnet(images)
-        compiled = torch.compile(subnet)(images)
+    compiled_net = torch.compile(net, backend=backend)
+    outputs = []
+    for forward in (net, compiled_net):
+        net.set_gate_generator(torch.Generator(device=device).manual_seed(3))  # the same draws for both
+        outputs.append(forward(images))
     # Inductor fuses and reorders float32 reductions: equal to rounding, not bit for bit.
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+
+    arch = Architecture("test_vit", 32, 10, (BlockChoice("bconv3", (0, 5, 9)), BlockChoice("msa", tuple(range(64)))))
+    subnet = export_subnet(net, arch).eval()
+    with torch.no_grad():
+        compiled = torch.compile(subnet, backend=backend)(images)
+        torch.testing.assert_close(compiled, subnet(images), rtol=1e-4, atol=1e-5)
