@@ -9,7 +9,7 @@ back once every `log_every` steps, at checkpoints and at an epoch's end; the non
 too, always before anything is saved, so a checkpoint never holds weights a NaN reached.
 Resuming from a checkpoint continues bit-identically: the data order depends only on (seed, epoch),
 the global RNG states are saved, and a resumed epoch restarts at the first batch not yet trained.
-(With loader workers, augmentation inside workers is identical for resumes at epoch boundaries only.)
+(Loader workers seed each sample's augmentation from (seed, epoch, index), so that holds with workers too.)
 """
 
 from __future__ import annotations
