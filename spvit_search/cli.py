@@ -65,8 +65,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights: bool = False) 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", default="digits", help="digits (embedded), torch/NAME, or an image folder")
-    group.add_argument("--data-root", default=None, help="where torch/NAME datasets live")
+    group.add_argument(
+        "--data", default="digits",
+        help="digits (embedded), fashion_mnist (Debian's dataset-fashion-mnist files), torch/NAME, or an image folder",
+    )  # fmt: skip
+    group.add_argument(
+        "--data-root", default=None, help="where torch/NAME datasets live, or the fashion_mnist idx files"
+    )
     group.add_argument("--download", action="store_true", help="allow torch/NAME datasets to download")
     group.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation")
     group.add_argument("--batch-size", type=int, default=64)

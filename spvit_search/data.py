@@ -3,6 +3,9 @@
 - `digits`: scikit-learn's 1,797 handwritten 8x8 digits (10 classes). They ship inside scikit-learn, so the demo and
   the tests have real data without a download. A fixed stratified 80/20 split, upsampled (bilinear) to the requested
   size, gray repeated to 3 channels.
+- `fashion_mnist`: Zalando's Fashion-MNIST (10 classes of 28x28 clothing images, 60,000 train and 10,000 test), read in
+  place from the idx files Debian's `dataset-fashion-mnist` package installs (`root` overrides where they are). `val`
+  is the test set. Harder than digits, which saturates: the benchmark of search quality.
 - `torch/NAME`: a torchvision dataset through timm's `create_dataset` (cifar10, cifar100, mnist, ...). It is fetched
   only when `download=True`; otherwise missing data is a clear error, never a silent download.
 - a folder path: images as `<folder>/<class>/<image>` (timm's ImageDataset). Either `<folder>` holds `train/` and
@@ -18,6 +21,7 @@ processes that persist across epochs and prefetch, so a GPU is not left waiting 
 from __future__ import annotations
 
 import difflib
+import gzip
 import os
 import random
 from dataclasses import dataclass
@@ -53,6 +57,9 @@ PREFETCH_FACTOR = 4
 """Batches each worker keeps ready. A worker takes about `num_workers` steps to decode one batch, so with PyTorch's
 default of 2 a single slow batch (a large JPEG, a page-cache miss) stalls the device; 4 absorbs it for
 4 * num_workers batches of host memory."""
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+"""Where `apt-get install dataset-fashion-mnist` puts the idx files."""
+_FASHION_FILES = {"train": "train", "val": "t10k"}  # idx file prefixes per split
 _VAL_DIRS = ("val", "validation")
 _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
@@ -112,7 +119,8 @@ def build_dataset(
 ) -> Dataset:
     """One split of a dataset as (image (3, img_size, img_size) float tensor, class index) samples.
 
-    `augment` only applies to the train split. `download` and `root` only apply to `torch/NAME` datasets.
+    `augment` only applies to the train split. `download` only applies to `torch/NAME` datasets, `root` to those and
+    to `fashion_mnist`.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -120,15 +128,21 @@ def build_dataset(
         raise ValueError(f"img_size must be a positive number of pixels, got {img_size}")
     name = os.fspath(spec)
     augment = augment and split == "train"
-    if root is not None and not name.startswith("torch/"):
-        raise ValueError(f"root only applies to torch/NAME datasets, not {name!r} (a folder dataset is its own path)")
+    if root is not None and not (name.startswith("torch/") or name == "fashion_mnist"):
+        raise ValueError(
+            f"root only applies to torch/NAME datasets and fashion_mnist, not {name!r} (a folder is its own path)"
+        )
     if name == "digits":
         return DigitsDataset(split, img_size, augment)
+    if name == "fashion_mnist":
+        return FashionMNISTDataset(split, img_size, augment, root)
     if name.startswith("torch/"):
         return _torch_dataset(name.removeprefix("torch/"), split, img_size, download, root, augment)
     if "/" in name or os.sep in name or name.startswith((".", "~")) or Path(name).exists():
         return _folder_dataset(Path(name).expanduser(), split, img_size, augment)
-    raise ValueError(f"unknown dataset {name!r}: use 'digits', 'torch/NAME' (e.g. torch/cifar10) or a folder path")
+    raise ValueError(
+        f"unknown dataset {name!r}: use 'digits', 'fashion_mnist', 'torch/NAME' (e.g. torch/cifar10) or a folder path"
+    )
 
 
 def num_classes_of(dataset: Dataset) -> int:
@@ -283,6 +297,69 @@ def _digits_tensors(split: str, img_size: int) -> tuple[Tensor, Tensor, tuple[in
     images = torch.from_numpy(digits.images[rows]).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8), sklearn's 0..16
     images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)  # (N, 1, S, S)
     return images, torch.from_numpy(digits.target[rows]).long(), tuple(rows)
+
+
+class FashionMNISTDataset(Dataset):
+    """Fashion-MNIST as (3, img_size, img_size) tensors normalised with ImageNet mean and std, from the four idx files
+    (gzipped or not) in `root`. The 28x28 images stay uint8 in memory and are resized per sample (bilinear), so a
+    large `img_size` costs no memory; training augmentation flips horizontally and shifts by up to two source pixels,
+    as Fashion-MNIST's own baselines augment."""
+
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+    def __init__(
+        self, split: str, img_size: int, augment: bool = False, root: str | os.PathLike[str] | None = None
+    ) -> None:
+        self.images, self.targets = _fashion_mnist_arrays(split, Path(root) if root is not None else FASHION_MNIST_ROOT)
+        self.img_size = img_size
+        self.augment = augment
+        self.pad = max(1, 2 * img_size // 28)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = torch.from_numpy(self.images[index]).float().div_(255.0)[None, None]  # (1, 1, 28, 28) in [0, 1]
+        if image.shape[-1] != self.img_size:
+            image = F.interpolate(image, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        image = image[0]  # (1, S, S)
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+            image = _random_shift(image, self.pad)
+        return (image.expand(3, -1, -1) - _MEAN) / _STD, int(self.targets[index])
+
+
+@lru_cache(maxsize=4)
+def _fashion_mnist_arrays(split: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) of one split, read from the idx files in `root`; cached."""
+    prefix = _FASHION_FILES[split]
+    images = _read_idx(root, f"{prefix}-images-idx3-ubyte", dims=3)
+    labels = _read_idx(root, f"{prefix}-labels-idx1-ubyte", dims=1)
+    if len(images) != len(labels):
+        raise ValueError(f"fashion_mnist in {root}: {len(images)} {split} images but {len(labels)} labels")
+    if labels.size and labels.max() >= len(FashionMNISTDataset.classes):
+        raise ValueError(f"fashion_mnist in {root}: label {labels.max()} is not one of the 10 classes")
+    return images, labels
+
+
+def _read_idx(root: Path, name: str, dims: int) -> np.ndarray:
+    """An idx file of unsigned bytes (LeCun's MNIST format: magic 0x0000080D, big-endian sizes, then the data), from
+    `root/name` or `root/name.gz`."""
+    path = next((root / f for f in (name, f"{name}.gz") if (root / f).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"fashion_mnist: no {name}[.gz] in {root}; install it with `apt-get install dataset-fashion-mnist` or "
+            f"pass --data-root DIR with the four idx files"
+        )
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    header = 4 + 4 * dims
+    if len(data) < header or data[:4] != bytes([0, 0, 8, dims]):
+        raise ValueError(f"{path} is not an idx file of {dims}-d unsigned bytes")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    if len(data) != header + int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: its header says {shape}, it holds {len(data) - header} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable, as torch wants
 
 
 def _random_shift(image: Tensor, pad: int) -> Tensor:
