@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .devices import to_device
+from .devices import accumulation_dtype, to_device
 from .distributed import DistributedContext
 from .engine import Engine, EngineConfig
 from .optim import adamw, weight_decay_groups
@@ -22,7 +22,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader) -> dict[str, float
     """Top-1 and top-5 accuracy (%) and mean cross-entropy over `loader`, computed on the model's device; the sums
     stay there until the end, so the loop never waits for the device."""
     device = next(model.parameters()).device
-    sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    sums = torch.zeros(3, dtype=accumulation_dtype(device), device=device)
     count = 0
     for images, targets in loader:
         images, targets = to_device((images, targets), device)

@@ -58,7 +58,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"--device {spec}: this machine has no CUDA device (available: {available})")
     if index is None:  # under torchrun every process takes its own GPU
-        index = os.environ.get("LOCAL_RANK", "0") if "LOCAL_RANK" in os.environ else str(torch.cuda.current_device())
+        index = os.environ.get("LOCAL_RANK", str(torch.cuda.current_device()))
     if int(index) >= torch.cuda.device_count():
         raise ValueError(f"--device cuda:{index}: this machine has {torch.cuda.device_count()} GPU(s) (available: "
                          f"{available})")  # fmt: skip
@@ -102,6 +102,11 @@ def device_name(device: torch.device) -> str:
     except OSError:
         model = None
     return f"CPU ({model})" if model else "CPU"
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype metric sums are kept in on `device`: float64 (exact counts), float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def pin_memory(device: torch.device) -> bool:

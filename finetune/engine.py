@@ -34,7 +34,7 @@ from tqdm import tqdm
 from supernets.io import atomic_write_text
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .devices import autocast, to_device
+from .devices import accumulation_dtype, autocast, to_device
 from .distributed import DistributedContext
 from .ema import ModelEma
 
@@ -96,7 +96,7 @@ class StepMetrics:
     not finite; `read` takes them to the host in one transfer."""
 
     def __init__(self, device: torch.device) -> None:
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.dtype = accumulation_dtype(device)
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
         self.last: dict[str, float] = {}  # plain numbers (learning rates): their value at the last step

@@ -40,7 +40,7 @@ def differentiable_flops(net: nn.Module, lut: LookupTable, estimator: str = "thr
 def _device_costs(lut: LookupTable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mixer cost steps (depth, 3), MACs per MLP unit (depth,), fixed MACs ()) on `device`, cached on the table:
     copying them every step would make the host wait for the device."""
-    cache = lut.__dict__.setdefault("_device_costs", {})
+    cache = lut.device_costs
     if device not in cache:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         mixer_macs = torch.tensor(lut.mixer_macs, dtype=torch.float64)  # (depth, 4)

@@ -63,6 +63,7 @@ class LookupTable:
     """
 
     def __init__(self, meta: dict[str, Any], frame: pd.DataFrame) -> None:
+        self.device_costs: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # `differentiable_flops`' constants
         self.meta = {k: meta[k] for k in (*_META_FIELDS, CHOICES) if k in meta}
         if self.meta["convention"] not in CONVENTIONS:
             raise ValueError(f"convention '{self.meta['convention']}': expected one of {', '.join(CONVENTIONS)}")
@@ -273,7 +274,7 @@ class LookupTable:
 
 def build_lookup_table(net: nn.Module, convention: str = "fvcore") -> LookupTable:
     """Price every choice of `net`'s search space: measured by fvcore, or by the SPViT formula. A supernet on a GPU
-    is counted on a CPU copy (fvcore traces on the CPU; the counts do not depend on where the weights live)."""
+    is counted on a CPU copy: the counts depend on shapes alone, and the probe inputs below are made on the CPU."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention '{convention}'; expected one of {', '.join(CONVENTIONS)}")
     if any(p.device.type not in ("cpu", "meta") for p in net.parameters()):

@@ -457,7 +457,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from finetune.devices import pin_memory, resolve_device
     from supernets.registry import create_source_model
 
-    from .data import build_dataset, build_loader, default_num_workers, num_classes_of
+    from .data import build_dataset, build_loader, loader_workers, num_classes_of
     from .evaluation import describe_model, format_description
     from .export import load_subnet
 
@@ -481,7 +481,7 @@ def run_eval(args: argparse.Namespace) -> None:
         model = create_source_model(
             args.model, args.pretrained, args.checkpoint, img_size, classes, **parse_model_kwargs(args.model_kwargs)
         )
-    workers = default_num_workers(args.data) if args.workers is None else args.workers
+    workers = loader_workers(args.data, args.workers)
     loader = build_loader(val, args.batch_size, train=False, num_workers=workers, pin_memory=pin_memory(device))
     model = model.to(device).eval()
     described = describe_model(model, loader, img_size, args.latency_batch, compiled=args.compile)

@@ -109,6 +109,11 @@ def default_num_workers(spec: str | os.PathLike[str]) -> int:
     return min(MAX_DEFAULT_WORKERS, cpus)
 
 
+def loader_workers(spec: str | os.PathLike[str], requested: int | None) -> int:
+    """The worker processes a run's loaders use: `requested` (`--workers`), else `default_num_workers(spec)`."""
+    return default_num_workers(spec) if requested is None else requested
+
+
 def build_dataset(
     spec: str | os.PathLike[str],
     split: str,

@@ -32,7 +32,7 @@ from supernets.io import atomic_write_text
 from supernets.registry import create_source_model
 from supernets.subnet import VisionTransformerSubnet
 
-from .data import build_dataset, build_loader, default_num_workers, num_classes_of
+from .data import build_dataset, build_loader, loader_workers, num_classes_of
 from .export import export_subnet, load_subnet, read_subnet_source, save_subnet
 from .runs import CONFIG, RunConfig, check_run_directory, resolve_compute
 
@@ -156,7 +156,7 @@ def _finetune(
         )
     student.to(device)
     teacher = build_teacher(config, student, source).to(device) if config.distillation != "none" else None
-    workers = default_num_workers(config.data) if config.num_workers is None else config.num_workers
+    workers = loader_workers(config.data, config.num_workers)
     val_loader = build_loader(
         val_set, config.batch_size, train=False, num_workers=workers, pin_memory=pin_memory(device)
     )

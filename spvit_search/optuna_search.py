@@ -37,7 +37,7 @@ from supernets import MIXERS, Architecture, Supernet, build_supernet
 from supernets.io import atomic_write_text
 
 from .complexity import check_budget, parse_budget
-from .data import build_dataset, build_loader, default_num_workers, num_classes_of
+from .data import build_dataset, build_loader, loader_workers, num_classes_of
 from .discrete_spaces import DEFAULT_MLP_RATIOS, DiscreteSpace, discrete_space
 from .export import load_search_supernet
 from .runs import CONFIG, NOT_SETTINGS, RunConfig, resolve_compute
@@ -147,7 +147,7 @@ def run_optuna(config: OptunaConfig) -> dict[str, Any]:
     check_budget(target, lut.range(), config.target)
     _prepare_run_directory(out, config, net, lut)
     space = discrete_space(net, config.mixers, config.mlp_ratios)
-    workers = default_num_workers(config.data) if config.num_workers is None else config.num_workers
+    workers = loader_workers(config.data, config.num_workers)
     loader = {"batch_size": config.batch_size, "num_workers": workers, "pin_memory": pin_memory(device)}
     evaluator = SharedWeightEvaluator(
         net.to(device),

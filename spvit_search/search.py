@@ -27,9 +27,10 @@ from finetune.schedule import warmup_cosine
 from lookup_tables import LookupTable, build_lookup_table, differentiable_flops
 from supernets import MIXERS, GateConfig, Supernet, build_supernet
 from supernets.io import atomic_write_text
+from supernets.unified_attention import mixer_index
 
 from .complexity import ComplexityLoss, check_budget, parse_budget
-from .data import build_dataset, build_loader, default_num_workers, num_classes_of
+from .data import build_dataset, build_loader, loader_workers, num_classes_of
 from .projection import project_to_budget
 from .runs import CONFIG, RunConfig, check_run_directory, resolve_compute
 
@@ -173,7 +174,7 @@ def gate_statistics(net: Supernet) -> dict[str, torch.Tensor]:
     tensors (read at log points with the step metrics)."""
     mlp_logits = torch.cat([b.mlp.gates.logits.detach() for b in net.blocks])
     attn_logits = torch.stack([b.attn.gates.logits.detach() for b in net.blocks])  # (depth, 3)
-    mixers = torch.cumprod((attn_logits > 0).to(torch.int64), 1).sum(1)  # (depth,): index into MIXERS
+    mixers = mixer_index(attn_logits > 0)  # (depth,)
     counts = torch.bincount(mixers, minlength=len(MIXERS))
     stats = {
         "mlp_kept": (mlp_logits > 0).float().mean(),
@@ -233,7 +234,7 @@ def _search(
     gate_seed = config.seed + (0 if config.sync_gates else context.rank)
     gate_generator = torch.Generator(device=device).manual_seed(gate_seed)
     net.set_gate_generator(gate_generator)
-    workers = default_num_workers(config.data) if config.num_workers is None else config.num_workers
+    workers = loader_workers(config.data, config.num_workers)
     train_loader = build_loader(
         train_set, config.batch_size, train=True, num_workers=workers, seed=config.seed,
         distributed=context.enabled, pin_memory=pin_memory(device),

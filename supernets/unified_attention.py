@@ -35,6 +35,11 @@ _NUM_TAPS = 9  # the 3×3 kernel; 1×1 is its centre tap
 _CENTRE_TAP = 4
 
 
+def mixer_index(on: torch.Tensor) -> torch.Tensor:
+    """Index into MIXERS from cumulative gate states (..., 3), bool or 0/1: the length of the leading run of ons."""
+    return torch.cumprod(on.to(torch.int64), -1).sum(-1)
+
+
 class AttentionWeights(NamedTuple):
     """The (weight, bias) pairs one width of a unified MSA computes with, for its first `heads` heads."""
 
@@ -125,8 +130,7 @@ class UnifiedAttention(nn.Module):
 
     def current_mixer(self) -> str:
         """The mixer chosen by the deterministic rule: the cheapest-first run of gates with logit > 0."""
-        on = self.gates.is_on().to(torch.int64)
-        return MIXERS[int(torch.cumprod(on, 0).sum())]
+        return MIXERS[int(mixer_index(self.gates.is_on()))]
 
     def chosen_mixer(self) -> str | None:
         """The mixer this forward computes alone, or None while training the gates (all candidates)."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from .architecture import MIXERS, Architecture, BlockChoice
 from .gates import BinaryGates, GateConfig
-from .unified_attention import UnifiedAttention
+from .unified_attention import UnifiedAttention, mixer_index
 from .unified_mlp import UnifiedMlp
 
 
@@ -221,8 +221,7 @@ class Supernet(nn.Module):
 
     def architecture(self) -> Architecture:
         """The deterministic choice of the current gates (logit > 0), read from the device at once."""
-        attn_on = torch.stack([b.attn.gates.is_on() for b in self.blocks]).to(torch.int64)  # (depth, 3)
-        mixers = torch.cumprod(attn_on, 1).sum(1)  # (depth,): the cheapest-first run of gates that are on
+        mixers = mixer_index(torch.stack([b.attn.gates.is_on() for b in self.blocks]))  # (depth,)
         mlp_on = torch.cat([b.mlp.gates.is_on() for b in self.blocks]).to(torch.int64)  # (Σ hidden,)
         values = torch.cat([mixers, mlp_on]).tolist()
         mixer_counts, mlp_flags = values[: self.depth], values[self.depth :]

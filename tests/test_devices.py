@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_engine import RegressionTask
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from finetune.devices import available_devices, resolve_amp, resolve_device
@@ -121,26 +122,13 @@ def test_bf16_finetune_on_the_cpu_checkpoints_and_resumes(folder_subnet, image_f
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-class _Regression:
+class DeviceTask(RegressionTask):
+    """test_engine's regression task, checking that the engine moved the batch, with a metric to log."""
+
     def training_step(self, model, batch):
         x, y = batch
-        assert x.device == next(model.parameters()).device  # the engine moved the batch
+        assert x.device == next(model.parameters()).device
         return torch.nn.functional.mse_loss(model(x), y), {"mean": model(x).mean()}
-
-    def after_step(self, metrics):
-        pass
-
-    def evaluate(self, model):
-        return {}
-
-    def end_epoch(self, epoch, metrics):
-        return False
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def test_the_engine_trains_on_the_suite_device(device, tmp_path):
@@ -149,7 +137,7 @@ def test_the_engine_trains_on_the_suite_device(device, tmp_path):
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     config = EngineConfig(tmp_path, epochs=1, progress=False, device=device, log_every=2)
-    engine = Engine(model, _Regression(), {"w": optimizer}, {}, loader, config)
+    engine = Engine(model, DeviceTask(), {"w": optimizer}, {}, loader, config)
     engine.fit()
     assert next(engine.model.parameters()).device.type == device.type
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
