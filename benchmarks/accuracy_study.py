@@ -25,6 +25,7 @@ Run from the repository root: `.venv/bin/python benchmarks/accuracy_study.py [--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shutil
@@ -37,14 +38,17 @@ import pandas as pd
 import torch
 from results_md import machine_description, save_results
 from subnet_speed import random_gate_logits_
+from torch.utils.data import DataLoader
 
+from finetune.classification import evaluate_classifier
 from lookup_tables import LookupTable, build_lookup_table
 from reports.plots import mean_accuracy_vs_macs, png_bytes
-from spvit_search.data import build_dataset, num_classes_of
+from spvit_search.data import build_dataset, build_loader, num_classes_of
 from spvit_search.demo import DemoConfig, train_dense_model
 from spvit_search.discrete_spaces import unit_ranking
 from spvit_search.export import export_subnet, load_search_supernet, save_subnet
 from spvit_search.finetuning import FinetuneConfig, run_finetune
+from spvit_search.optuna_search import OptunaConfig, run_optuna
 from spvit_search.projection import project_to_budget
 from spvit_search.search import SearchConfig, run_search
 from supernets import Architecture, BlockChoice, VisionTransformerSupernet, build_supernet
@@ -52,17 +56,22 @@ from supernets.io import atomic_write_bytes
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_study.json"
-METHODS = ("dense", "spvit", "magnitude", "uniform", "random")
+METHODS = ("dense", "spvit", "spvit_dense_init", "magnitude", "uniform", "random", "attention_drop", "optuna")
 
 
 def uniform_architecture(
-    net: VisionTransformerSupernet, lut: LookupTable, target: int, rankings: list[list[int]]
+    net: VisionTransformerSupernet,
+    lut: LookupTable,
+    target: int,
+    rankings: list[list[int]],
+    mixers: list[str] | None = None,
 ) -> Architecture | None:
-    """All msa; every block keeps its first k units of `rankings`, the largest k that fits `target`; None when
-    even k = 0 does not fit (the attention alone costs more)."""
+    """`mixers` (default: all msa); every block keeps its first k units of `rankings`, the largest k that fits
+    `target`; None when even k = 0 does not fit."""
+    mixers = mixers or ["msa"] * len(rankings)
 
     def arch(k: int) -> Architecture:
-        blocks = [BlockChoice("msa", tuple(sorted(r[:k]))) for r in rankings]
+        blocks = [BlockChoice(m, tuple(sorted(r[:k]))) for m, r in zip(mixers, rankings, strict=True)]
         return Architecture(net.name, net.img_size, net.num_classes, tuple(blocks))
 
     low, high = 0, min(len(r) for r in rankings)
@@ -74,22 +83,71 @@ def uniform_architecture(
     return arch(low)
 
 
-def finetune(subnet_dir: Path, out: Path, data: str, epochs: int, seed: int) -> dict[str, Any]:
+def one_shot_metrics(net: VisionTransformerSupernet, arch: Architecture, val_loader: DataLoader) -> dict[str, float]:
+    """Val top-1 and loss of `net`'s weights with `arch` fixed, before any fine-tuning."""
+    net.eval()
+    net.fix_architecture(arch)
+    try:
+        with torch.no_grad():
+            return evaluate_classifier(net, val_loader)
+    finally:
+        net.release_architecture()
+
+
+def attention_drop_architecture(
+    net: VisionTransformerSupernet, lut: LookupTable, target: int, rankings: list[list[int]], val_loader: DataLoader
+) -> Architecture | None:
+    """Skip the attention layers whose removal alone costs the least val loss, then cut every MLP by magnitude to
+    the budget. How many to skip: of the feasible counts, the one whose pruned model has the lowest val loss
+    before fine-tuning (one-shot)."""
+    dense = net.dense_architecture()
+    alone = []
+    for i in range(len(dense.blocks)):
+        blocks = list(dense.blocks)
+        blocks[i] = BlockChoice("skip", blocks[i].mlp_kept)
+        alone.append(one_shot_metrics(net, dataclasses.replace(dense, blocks=tuple(blocks)), val_loader)["loss"])
+    order = sorted(range(len(alone)), key=alone.__getitem__)
+    best: tuple[float, Architecture] | None = None
+    for count in range(len(order) + 1):
+        mixers = ["skip" if i in order[:count] else "msa" for i in range(len(order))]
+        arch = uniform_architecture(net, lut, target, rankings, mixers)
+        if arch is not None:
+            loss = one_shot_metrics(net, arch, val_loader)["loss"]
+            best = min(best or (loss, arch), (loss, arch), key=lambda pair: pair[0])
+    return None if best is None else best[1]
+
+
+def finetune(subnet_dir: Path, out: Path, data: str, epochs: int, seed: int, init: str = "subnet") -> dict[str, Any]:
     return run_finetune(
         FinetuneConfig(subnet=str(subnet_dir), data=data, out=str(out), distillation="soft", epochs=epochs, seed=seed,
-                       progress=False)
+                       init=init, num_workers=0, progress=False)
     )  # fmt: skip
+
+
+def search_config(args: argparse.Namespace, demo: DemoConfig, dense_weights: Path, budget: float, seed: int,
+                  out: Path) -> SearchConfig:  # fmt: skip
+    """The study's search at `budget`, with `--search-set` applied over the demo's settings."""
+    settings = {
+        "model": demo.model, "data": args.data, "out": str(out), "target": f"{budget}x",
+        "checkpoint": str(dense_weights), "img_size": demo.img_size, "model_kwargs": demo.model_kwargs,
+        "epochs": args.search_epochs, "lr": demo.search_lr, "gate_lr": demo.gate_lr, "seed": seed, "num_workers": 0,
+        "progress": False,
+    }  # fmt: skip
+    return SearchConfig(**(settings | args.search_set))
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
-    for stale in ("search", "subnets", "finetune"):  # every candidate is rebuilt; dense/ is the cache
+    for stale in ("search", "subnets", "finetune", "optuna"):  # every candidate is rebuilt; dense/ is the cache
         shutil.rmtree(out / stale, ignore_errors=True)
-    demo = DemoConfig(out=str(out), data=args.data, dense_epochs=args.dense_epochs, progress=False)
+    demo = DemoConfig(
+        out=str(out), data=args.data, img_size=args.img_size, dense_epochs=args.dense_epochs, progress=False
+    )
     train = build_dataset(args.data, "train", demo.img_size)
     val = build_dataset(args.data, "val", demo.img_size, augment=False)
+    val_loader = build_loader(val, 256, train=False)
     classes = num_classes_of(train)
-    dense_weights = train_dense_model(demo, out / "dense", train, val, classes)
+    dense_weights = train_dense_model(demo, out / "dense", train, val, classes, torch.device("cpu"))
     source = {
         "model": demo.model, "pretrained": False, "checkpoint": str(dense_weights.resolve()),
         "img_size": demo.img_size, "num_classes": classes, "model_kwargs": demo.model_kwargs,
@@ -102,54 +160,73 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     dense_macs = lut.dense_flops()
     magnitude = [unit_ranking(b.mlp) for b in net.blocks]
     in_order = [list(range(h)) for h in net.mlp_hidden]
+    # Every candidate trains its weights for the same epochs in all: the search's epochs count for SPViT's subnet,
+    # the baselines get them added to their fine-tuning.
+    total_epochs = args.search_epochs + args.finetune_epochs
     runs: list[dict[str, Any]] = []
     infeasible: list[dict[str, Any]] = []  # baselines whose shape cannot meet a budget
     no_mlp = [BlockChoice("msa", ()) for _ in net.blocks]
     msa_floor = lut.flops(Architecture(net.name, net.img_size, net.num_classes, tuple(no_mlp)))
 
-    def record(method: str, budget: float | None, seed: int, arch: Architecture, source_net, name: str) -> None:
+    def record(method: str, budget: float | None, seed: int, arch: Architecture, source_net, name: str,
+               epochs: int = total_epochs, init: str = "subnet") -> None:  # fmt: skip
         subnet_dir = out / "subnets" / name
+        before = one_shot_metrics(source_net, arch, val_loader)["acc1"]
         save_subnet(export_subnet(source_net, arch), subnet_dir, source=source)
         started = time.perf_counter()
-        summary = finetune(subnet_dir, out / "finetune" / name, args.data, args.finetune_epochs, seed)
+        summary = finetune(subnet_dir, out / "finetune" / name, args.data, epochs, seed, init)
         runs.append(
             {
                 "method": method, "budget": budget, "seed": seed, "macs": lut.flops(arch), "params": lut.params(arch),
-                "acc1": summary["val_acc1"], "mixers": list(arch.mixers),
-                "mlp_widths": [len(b.mlp_kept) for b in arch.blocks], "finetune_s": time.perf_counter() - started,
+                "acc1": summary["val_acc1"], "acc1_before_finetune": before, "finetune_epochs": epochs,
+                "mixers": list(arch.mixers), "mlp_widths": [len(b.mlp_kept) for b in arch.blocks],
+                "finetune_s": time.perf_counter() - started,
             }
         )  # fmt: skip
-        print(f"{name}: {lut.flops(arch) / dense_macs:.3f}x, top-1 {summary['val_acc1']:.2f}%", flush=True)
+        print(f"{name}: {lut.flops(arch) / dense_macs:.3f}x, top-1 {before:.2f}% -> {summary['val_acc1']:.2f}%",
+              flush=True)  # fmt: skip
 
-    for seed in args.seeds:
-        record("dense", None, seed, net.dense_architecture(), net, f"dense_s{seed}")
+    methods = set(args.methods)
+    for seed in args.seeds if "dense" in methods else []:
+        record("dense", None, seed, net.dense_architecture(), net, f"dense_s{seed}", args.finetune_epochs)
     for budget in args.budgets:
         target = int(budget * dense_macs)
         shapes = {
             "magnitude": uniform_architecture(net, lut, target, magnitude),
             "uniform": uniform_architecture(net, lut, target, in_order),
+            "attention_drop": attention_drop_architecture(net, lut, target, magnitude, val_loader),
         }
+        shapes = {m: arch for m, arch in shapes.items() if m in methods}
         for method in [m for m, arch in shapes.items() if arch is None]:
             infeasible.append({"method": method, "budget": budget, "floor_x_dense": msa_floor / dense_macs})
         shapes = {m: arch for m, arch in shapes.items() if arch is not None}
         for seed in args.seeds:
-            search_dir = out / "search" / f"{budget}x_s{seed}"
-            run_search(
-                SearchConfig(
-                    model=demo.model, data=args.data, out=str(search_dir), target=f"{budget}x",
-                    checkpoint=str(dense_weights), img_size=demo.img_size, model_kwargs=demo.model_kwargs,
-                    epochs=args.search_epochs, lr=demo.search_lr, gate_lr=demo.gate_lr, seed=seed, progress=False,
-                )
-            )  # fmt: skip
-            searched = load_search_supernet(search_dir / "supernet.safetensors")
-            record(
-                "spvit", budget, seed, Architecture.load(search_dir / "arch.json"), searched, f"spvit_{budget}x_s{seed}"
-            )
+            if methods & {"spvit", "spvit_dense_init"}:
+                search_dir = out / "search" / f"{budget}x_s{seed}"
+                run_search(search_config(args, demo, dense_weights, budget, seed, search_dir))
+                searched = load_search_supernet(search_dir / "supernet.safetensors")
+                arch = Architecture.load(search_dir / "arch.json")
+                if "spvit" in methods:
+                    record("spvit", budget, seed, arch, searched, f"spvit_{budget}x_s{seed}", args.finetune_epochs)
+                if "spvit_dense_init" in methods:
+                    record("spvit_dense_init", budget, seed, arch, net, f"spvit_dense_init_{budget}x_s{seed}")
             for method, arch in shapes.items():
                 record(method, budget, seed, arch, net, f"{method}_{budget}x_s{seed}")
-            random_gate_logits_(net, seed)
-            record("random", budget, seed, project_to_budget(net, lut, target), net, f"random_{budget}x_s{seed}")
-            net.load_state_dict(dense_state)  # the gates back at their start, for the next candidates
+            if "random" in methods:
+                random_gate_logits_(net, seed)
+                record("random", budget, seed, project_to_budget(net, lut, target), net, f"random_{budget}x_s{seed}")
+                net.load_state_dict(dense_state)  # the gates back at their start, for the next candidates
+            if "optuna" in methods:
+                optuna_dir = out / "optuna" / f"{budget}x_s{seed}"
+                run_optuna(
+                    OptunaConfig(
+                        model=demo.model, data=args.data, out=str(optuna_dir), target=f"{budget}x",
+                        checkpoint=str(dense_weights), img_size=demo.img_size, model_kwargs=demo.model_kwargs,
+                        trials=args.optuna_trials, bn_recalibration=4, seed=seed, num_workers=0, progress=False,
+                    )
+                )  # fmt: skip
+                arch = Architecture.load(optuna_dir / "arch.json")
+                record("optuna", budget, seed, arch, net, f"optuna_{budget}x_s{seed}")
     return {"dense_macs": dense_macs, "runs": runs, "infeasible": infeasible}
 
 
@@ -198,13 +275,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default="digits", help="digits, torch/NAME or an image folder")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--img-size", type=int, default=32, help="input size of test_vit (patch 4)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--dense-epochs", type=int, default=40)
     parser.add_argument("--search-epochs", type=int, default=10)
-    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=10, help="SPViT's; the baselines add the search's")
+    parser.add_argument("--optuna-trials", type=int, default=40)
+    parser.add_argument(
+        "--search-set", type=_setting, action="append", default=[], metavar="KEY=JSON",
+        help="a SearchConfig setting over the study's, e.g. gate_init=0.5 (repeatable; the ablations use it)",
+    )  # fmt: skip
     parser.add_argument("--out", default="runs/accuracy_study", help="run directories of every candidate")
     parser.add_argument("--results", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--update-results", action="store_true", help="refresh the section in RESULTS.md")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.search_set = dict(args.search_set)
+    return args
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    if key not in SearchConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{key!r} is not a SearchConfig setting")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def main(argv: list[str] | None = None) -> None:

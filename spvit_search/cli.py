@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune.devices import AMP_MODES
+from finetune.distillation import DISTILLATION_TYPES
 from finetune.engine import NonFiniteLossError, TrainingInterrupted
+from finetune.optim import GATE_OPTIMIZERS
 from supernets.architecture import MIXERS
+from supernets.gates import GATE_INITS
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -61,6 +64,20 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights: bool = False) 
     group.add_argument(
         "--model-kwargs", nargs="*", default=[], metavar="K=V", help="extra timm model arguments, e.g. patch_size=4"
     )
+
+
+def add_distillation_arguments(
+    parser: argparse.ArgumentParser, default: str, teacher: str = "--teacher-model"
+) -> argparse._ArgumentGroup:
+    """The distillation flags fine-tuning and the search share; returns their group for more."""
+    group = parser.add_argument_group("distillation")
+    group.add_argument(
+        "--distillation", "--distillation-type", dest="distillation", choices=DISTILLATION_TYPES, default=default,
+        help=f"from {teacher}; soft: KL of temperature-scaled outputs; hard: CE on the teacher's top-1 (DeiT)",
+    )  # fmt: skip
+    group.add_argument("--distillation-alpha", type=float, default=0.5, help="weight of the distillation term")
+    group.add_argument("--distillation-tau", type=float, default=1.0, help="soft distillation temperature")
+    return group
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--gate-temperature", type=float, default=1.0, help="binary-concrete temperature")
     optim.add_argument("--head-mix-temperature", type=float, default=0.01, help="softmax temperature of z")
     optim.add_argument("--sync-gates", action="store_true", help="DDP: the same gate draws on every rank")
+    optim.add_argument(
+        "--gate-optimizer", choices=GATE_OPTIMIZERS, default="adam",
+        help="adam: one second moment per gate; shared_adam: one for all gates (steps follow the mean gradients)",
+    )  # fmt: skip
+    optim.add_argument(
+        "--gate-init-from", choices=GATE_INITS, default="constant",
+        help="constant: every logit --gate-init; magnitude: MLP logits spread by magnitude rank, mean --gate-init",
+    )  # fmt: skip
+    add_distillation_arguments(search, default="none", teacher="the dense source model (the supernet as it starts)")
     study = search.add_argument_group("optuna strategy (--strategy optuna)")
     study.add_argument(
         "--strategy", choices=("gradient", "optuna"), default="gradient",
@@ -231,19 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from the subnet's weights (the search's) or from the dense source model's (the paper's choice)",
     )  # fmt: skip
     add_data_arguments(finetune)
-    teacher = finetune.add_argument_group("distillation")
-    teacher.add_argument(
-        "--distillation", "--distillation-type", dest="distillation", choices=("soft", "hard", "none"),
-        default="soft", help="soft: KL of temperature-scaled outputs; hard: CE on the teacher's top-1 (DeiT)",
-    )  # fmt: skip
+    teacher = add_distillation_arguments(finetune, default="soft")
     teacher.add_argument(
         "--teacher-model", default=None,
         help="a model name (with --teacher-checkpoint) or a subnet directory (default: the subnet's dense source)",
     )  # fmt: skip
     teacher.add_argument("--teacher-checkpoint", "--teacher-path", default=None, help="weights of --teacher-model")
     teacher.add_argument("--teacher-pretrained", action="store_true", help="timm's pretrained teacher (downloads)")
-    teacher.add_argument("--distillation-alpha", type=float, default=0.5, help="weight of the distillation term")
-    teacher.add_argument("--distillation-tau", type=float, default=1.0, help="soft distillation temperature")
     optim = finetune.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=30)
     optim.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate, warmup then cosine")
@@ -333,7 +353,9 @@ def run_search_command(args: argparse.Namespace) -> None:
         tolerance=args.tolerance, patience=args.patience, project=args.project, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.smoothing, grad_clip=args.clip_grad or None,
-        gate_init=args.gate_init, gate_temperature=args.gate_temperature,
+        gate_init=args.gate_init, gate_temperature=args.gate_temperature, gate_optimizer=args.gate_optimizer,
+        gate_init_from=args.gate_init_from, distillation=args.distillation,
+        distillation_alpha=args.distillation_alpha, distillation_tau=args.distillation_tau,
         head_mix_temperature=args.head_mix_temperature, sync_gates=args.sync_gates, data_root=args.data_root,
         download=args.download, augment=args.augment, num_workers=args.workers, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=args.progress,

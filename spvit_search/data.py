@@ -5,7 +5,9 @@
   size, gray repeated to 3 channels.
 - `fashion_mnist`: Zalando's Fashion-MNIST (10 classes of 28x28 clothing images, 60,000 train and 10,000 test), read in
   place from the idx files Debian's `dataset-fashion-mnist` package installs (`root` overrides where they are). `val`
-  is the test set. Harder than digits, which saturates: the benchmark of search quality.
+  is the test set. Harder than digits, which saturates: the benchmark of search quality. `fashion_mnist:TRAIN:VAL`
+  keeps the first TRAIN images of every class from the training file and the first VAL of every class from the test
+  file (`fashion_mnist:500:100`: 5,000 and 1,000 images), a subset that a 2-core CPU trains in seconds per epoch.
 - `torch/NAME`: a torchvision dataset through timm's `create_dataset` (cifar10, cifar100, mnist, ...). It is fetched
   only when `download=True`; otherwise missing data is a clear error, never a silent download.
 - a folder path: images as `<folder>/<class>/<image>` (timm's ImageDataset). Either `<folder>` holds `train/` and
@@ -100,10 +102,10 @@ def build_loaders(
 
 
 def default_num_workers(spec: str | os.PathLike[str]) -> int:
-    """Loader workers for a dataset when none are asked for: 0 for digits, which is already decoded in memory (worker
-    processes would only add start-up time), else one per CPU this process may run on, at most
+    """Loader workers for a dataset when none are asked for: 0 for digits and fashion_mnist, which are already decoded
+    in memory (worker processes would only add start-up time), else one per CPU this process may run on, at most
     MAX_DEFAULT_WORKERS."""
-    if os.fspath(spec) == "digits":
+    if os.fspath(spec) == "digits" or _fashion_mnist_spec(os.fspath(spec)) is not None:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(MAX_DEFAULT_WORKERS, cpus)
@@ -133,21 +135,46 @@ def build_dataset(
         raise ValueError(f"img_size must be a positive number of pixels, got {img_size}")
     name = os.fspath(spec)
     augment = augment and split == "train"
-    if root is not None and not (name.startswith("torch/") or name == "fashion_mnist"):
+    fashion = _fashion_mnist_spec(name)
+    if root is not None and not (name.startswith("torch/") or fashion):
         raise ValueError(
             f"root only applies to torch/NAME datasets and fashion_mnist, not {name!r} (a folder is its own path)"
         )
     if name == "digits":
         return DigitsDataset(split, img_size, augment)
-    if name == "fashion_mnist":
-        return FashionMNISTDataset(split, img_size, augment, root)
+    if fashion:
+        per_class = fashion.train_per_class if split == "train" else fashion.val_per_class
+        return FashionMNISTDataset(split, img_size, augment, root, per_class)
     if name.startswith("torch/"):
         return _torch_dataset(name.removeprefix("torch/"), split, img_size, download, root, augment)
     if "/" in name or os.sep in name or name.startswith((".", "~")) or Path(name).exists():
         return _folder_dataset(Path(name).expanduser(), split, img_size, augment)
     raise ValueError(
-        f"unknown dataset {name!r}: use 'digits', 'fashion_mnist', 'torch/NAME' (e.g. torch/cifar10) or a folder path"
+        f"unknown dataset {name!r}: use 'digits', 'fashion_mnist[:TRAIN:VAL]', 'torch/NAME' (e.g. torch/cifar10) or a "
+        f"folder path"
     )
+
+
+class FashionMNISTSpec(NamedTuple):
+    """`fashion_mnist` or `fashion_mnist:TRAIN:VAL`: images kept per class in each split (None: all)."""
+
+    train_per_class: int | None
+    val_per_class: int | None
+
+
+def _fashion_mnist_spec(name: str) -> FashionMNISTSpec | None:
+    """The subset a `fashion_mnist[:TRAIN:VAL]` spec asks for; None for any other spec."""
+    if name == "fashion_mnist":
+        return FashionMNISTSpec(None, None)
+    if not name.startswith("fashion_mnist:"):
+        return None
+    counts = name.removeprefix("fashion_mnist:").split(":")
+    if len(counts) != 2 or not all(c.isdigit() and int(c) > 0 for c in counts):
+        raise ValueError(
+            f"dataset {name!r}: write fashion_mnist:TRAIN:VAL with the images per class of each split as positive "
+            f"integers, e.g. fashion_mnist:500:100"
+        )
+    return FashionMNISTSpec(int(counts[0]), int(counts[1]))
 
 
 def num_classes_of(dataset: Dataset) -> int:
@@ -308,14 +335,27 @@ class FashionMNISTDataset(Dataset):
     """Fashion-MNIST as (3, img_size, img_size) tensors normalised with ImageNet mean and std, from the four idx files
     (gzipped or not) in `root`. The 28x28 images stay uint8 in memory and are resized per sample (bilinear), so a
     large `img_size` costs no memory; training augmentation flips horizontally and shifts by up to two source pixels,
-    as Fashion-MNIST's own baselines augment."""
+    as Fashion-MNIST's own baselines augment. `per_class` keeps the first that many images of every class."""
 
     classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
     def __init__(
-        self, split: str, img_size: int, augment: bool = False, root: str | os.PathLike[str] | None = None
+        self,
+        split: str,
+        img_size: int,
+        augment: bool = False,
+        root: str | os.PathLike[str] | None = None,
+        per_class: int | None = None,
     ) -> None:
-        self.images, self.targets = _fashion_mnist_arrays(split, Path(root) if root is not None else FASHION_MNIST_ROOT)
+        images, targets = _fashion_mnist_arrays(split, Path(root) if root is not None else FASHION_MNIST_ROOT)
+        if per_class is not None:
+            rank_in_class = np.zeros_like(targets, dtype=np.int64)
+            for label in np.unique(targets):
+                members = targets == label
+                rank_in_class[members] = np.arange(members.sum())
+            keep = rank_in_class < per_class
+            images, targets = images[keep], targets[keep]
+        self.images, self.targets = images, targets
         self.img_size = img_size
         self.augment = augment
         self.pad = max(1, 2 * img_size // 28)

@@ -137,7 +137,13 @@ def discrete_space(
 @torch.no_grad()
 def unit_ranking(mlp: torch.nn.Module) -> list[int]:
     """Hidden unit indices, most important first: gate logit, then ‖fc1 row‖·‖fc2 column‖, then index."""
-    logits = mlp.gates.logits.detach().float().numpy()
-    magnitude = (mlp.fc1.weight.norm(dim=1) * mlp.fc2.weight.norm(dim=0)).float().numpy()
+    logits = mlp.gates.logits.detach().float().cpu().numpy()
+    magnitude = unit_magnitude(mlp).float().cpu().numpy()
     order = np.lexsort((np.arange(len(logits)), -magnitude, -logits))  # last key sorts first
     return order.tolist()
+
+
+def unit_magnitude(mlp: torch.nn.Module) -> torch.Tensor:
+    """Each hidden unit's weight magnitude ‖fc1 row‖·‖fc2 column‖ (hidden,): the importance of magnitude pruning."""
+    with torch.no_grad():
+        return mlp.fc1.weight.norm(dim=1) * mlp.fc2.weight.norm(dim=0)

@@ -7,30 +7,33 @@ A run directory holds `config.json`, `lut.csv`, `metrics.jsonl`, `arch_epoch{N}.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.checkpoint import save_checkpoint
 from finetune.classification import evaluate_classifier, top1_accuracy
 from finetune.devices import pin_memory
+from finetune.distillation import DistillationLoss
 from finetune.distributed import DistributedContext, init_distributed, shutdown
 from finetune.engine import Engine, EngineConfig
-from finetune.optim import adamw, weight_decay_groups
+from finetune.optim import GATE_OPTIMIZERS, adamw, gate_optimizer, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables import LookupTable, build_lookup_table, differentiable_flops
 from supernets import MIXERS, GateConfig, Supernet, build_supernet
+from supernets.gates import GATE_INITS
 from supernets.io import atomic_write_text
 from supernets.unified_attention import mixer_index
 
 from .complexity import ComplexityLoss, check_budget, parse_budget
 from .data import build_dataset, build_loader, loader_workers, num_classes_of
+from .discrete_spaces import unit_magnitude
 from .projection import project_to_budget
 from .runs import CONFIG, RunConfig, check_run_directory, resolve_compute
 
@@ -65,13 +68,18 @@ class SearchConfig(RunConfig):
     batch_size: int = 64
     lr: float = 2e-4
     gate_lr: float = 0.02
+    gate_optimizer: str = "adam"  # adam | shared_adam (one second moment for all gates)
     weight_decay: float = 0.05
     warmup_epochs: int = 0
     label_smoothing: float = 0.1
     grad_clip: float | None = 5.0
     gate_init: float = 1.5
+    gate_init_from: str = "constant"  # constant: every logit gate_init; magnitude: MLP logits ranked by magnitude
     gate_temperature: float = 1.0
     head_mix_temperature: float = 0.01
+    distillation: str = "none"  # soft | hard | none: KD from the dense source model during the search
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
     sync_gates: bool = False  # DDP: the same gate draws on every rank instead of one per rank
     # data and run
     data_root: str | None = None
@@ -111,21 +119,29 @@ class SearchTask:
         self.context = context
         self.gate_generator = gate_generator
         self.on_target_streak = 0
+        self.loss = DistillationLoss(
+            config.distillation, config.distillation_alpha, config.distillation_tau, config.label_smoothing
+        )
+        self.teacher = dense_teacher(net) if config.distillation != "none" else None
 
     def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         images, targets = batch
         logits = model(images)
-        ce = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        loss, parts = self.loss(logits, targets, teacher_logits)
         flops = differentiable_flops(self.net, self.lut, self.config.estimator)  # float64, outside autocast's reach
         complexity = self.complexity(flops)
         metrics = {
-            "ce": ce.detach(),
+            **parts,
             "complexity": complexity.detach(),
             "macs": flops.detach(),
             "target_macs": float(self.complexity.target),
             "acc1": top1_accuracy(logits, targets),
         }
-        return ce + complexity.to(ce.dtype), metrics
+        return loss + complexity.to(loss.dtype), metrics
 
     def after_step(self, metrics: dict[str, torch.Tensor | float]) -> None:
         self.complexity.update(metrics["macs"])
@@ -167,6 +183,24 @@ class SearchTask:
         # continue from this run's seed instead.
         if state.get("gate_generator_device", "cpu") == self.gate_generator.device.type:
             self.gate_generator.set_state(state["gate_generator"])
+
+
+def dense_teacher(net: Supernet) -> Supernet:
+    """A frozen copy of the supernet as it starts, fixed to the dense architecture: the dense source model, on the
+    supernet's device, for distillation during the search."""
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    teacher.fix_architecture(teacher.dense_architecture())
+    return teacher
+
+
+def init_gates_from_magnitude(net: Supernet, init: float) -> None:
+    """Each block's MLP gate logits spread over (0, 2·init] by the units' weight-magnitude rank within the block,
+    mean ≈ init: the weakest units start nearest to being cut, and the dense model is still what the gates draw."""
+    with torch.no_grad():
+        for block in net.blocks:
+            magnitude = unit_magnitude(block.mlp)
+            rank = magnitude.argsort().argsort().to(block.mlp.gates.logits.dtype)  # 0: weakest
+            block.mlp.gates.logits.copy_(2 * init * (rank + 1) / len(rank))
 
 
 def gate_statistics(net: Supernet) -> dict[str, torch.Tensor]:
@@ -221,6 +255,8 @@ def _search(
         gates=GateConfig(config.gate_init, config.gate_temperature, config.head_mix_temperature),
         **config.model_kwargs,
     )
+    if config.gate_init_from == "magnitude":
+        init_gates_from_magnitude(net, config.gate_init)
     lut = lookup_table(net, config.convention, config.lut)  # counted on the CPU, before the move
     target = parse_budget(config.target, lut.dense_flops())
     check_budget(target, lut.range(full_size=True), config.target)  # the gates choose at full depth and width
@@ -246,7 +282,7 @@ def _search(
     gates = net.gate_parameters()
     optimizers = {
         "weights": adamw(weight_decay_groups(net, config.weight_decay, exclude=gates), lr=config.lr),
-        "gates": adamw(gates, lr=config.gate_lr),
+        "gates": gate_optimizer(config.gate_optimizer, gates, config.gate_lr),
     }
     steps = config.epochs * len(train_loader)
     schedulers = {"weights": warmup_cosine(optimizers["weights"], steps, config.warmup_epochs * len(train_loader))}
@@ -314,6 +350,10 @@ def _check_config(config: SearchConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be 0 (epoch ends only) or positive, got {config.checkpoint_every}")
+    if config.gate_init_from not in GATE_INITS:
+        raise ValueError(f"--gate-init-from must be one of {', '.join(GATE_INITS)}, got {config.gate_init_from!r}")
+    if config.gate_optimizer not in GATE_OPTIMIZERS:
+        raise ValueError(f"--gate-optimizer must be one of {', '.join(GATE_OPTIMIZERS)}, got {config.gate_optimizer!r}")
     if not config.tolerance > 0:
         raise ValueError(f"--tolerance must be positive, got {config.tolerance}")
 

@@ -10,6 +10,11 @@ from torch import nn
 _EPS = 1e-6
 
 
+GATE_INITS = ("constant", "magnitude")
+"""How a search starts its MLP gate logits: all at `GateConfig.init`, or spread by weight-magnitude rank around it
+(`spvit_search.search.init_gates_from_magnitude`)."""
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """How the search space's gates start and how they are sampled; stored in run configs."""

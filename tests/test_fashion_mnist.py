@@ -10,7 +10,7 @@ import pytest
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from spvit_search.data import FASHION_MNIST_ROOT, build_dataset, num_classes_of
+from spvit_search.data import FASHION_MNIST_ROOT, build_dataset, default_num_workers, num_classes_of
 from spvit_search.data import _fashion_mnist_arrays as cached_arrays
 
 
@@ -92,3 +92,19 @@ def test_the_debian_package_files():
     val = build_dataset("fashion_mnist", "val", 32)
     assert (len(train), len(val)) == (60_000, 10_000)
     assert sorted(set(train.targets.tolist())) == list(range(10))
+
+
+def test_a_spec_with_counts_keeps_the_first_images_of_every_class(tmp_path):
+    root = write_fashion_mnist(tmp_path / "fm", train=40, val=30)  # image i: value 10·i, label i mod 10
+    train = build_dataset("fashion_mnist:2:1", "train", 28, root=root, augment=False)
+    val = build_dataset("fashion_mnist:2:1", "val", 28, root=root)
+    assert sorted(int(t) for t in train.targets) == sorted(list(range(10)) * 2)
+    assert train.images[:, 0, 0].tolist() == [10 * i for i in range(20)]  # file order: images 0..19
+    assert len(val) == 10 and val.images[:, 0, 0].tolist() == [10 * i for i in range(10)]
+    assert default_num_workers("fashion_mnist:2:1") == 0  # decoded in memory, like digits
+
+
+@pytest.mark.parametrize("spec", ["fashion_mnist:500", "fashion_mnist:0:10", "fashion_mnist:a:b", "fashion_mnist:"])
+def test_a_malformed_subset_spec_says_how_to_write_it(spec):
+    with pytest.raises(ValueError, match="fashion_mnist:TRAIN:VAL"):
+        build_dataset(spec, "train", 32)
