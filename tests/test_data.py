@@ -196,7 +196,7 @@ def test_single_image_folder_is_split_per_class(tmp_path):
 
 
 def test_unknown_names():
-    known = r"unknown dataset 'foo'.*'digits', 'fashion_mnist', 'torch/NAME'.*folder path"
+    known = r"unknown dataset 'foo'.*'digits', 'fashion_mnist\[:TRAIN:VAL\]', 'torch/NAME'.*folder path"
     with pytest.raises(ValueError, match=known):
         build_dataset("foo", "train", 32)
     with pytest.raises(ValueError, match=r"unknown torchvision dataset 'torch/cifar'.*did you mean cifar10, cifar100"):
