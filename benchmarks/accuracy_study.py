@@ -1,25 +1,32 @@
 """Accuracy study: does the SPViT search beat simple baselines at the same MACs?
 
-What it compares. A small DeiT-like model (timm's `test_vit`: dim 64, depth 6, 2 heads; 32×32 images in
-4×4 patches, so 64 patch tokens) is trained inside the script on the data (digits by default). At each
-budget (0.5x and 0.7x of the dense MACs, `fvcore` convention) five candidates are built:
+What it compares. A small DeiT-like model (timm's `test_vit`: dim 64, depth 6, 2 heads; `--img-size` images in
+4×4 patches: 64 tokens at 32 px, 49 at 28) is trained inside the script on the data (digits by default;
+`fashion_mnist:TRAIN:VAL` for a harder one). At each budget (`fvcore` MACs relative to dense) the candidates:
 
 - `dense`: the dense model itself (no budget);
-- `spvit`: `spvit search` at the budget (gates and weights trained together), then exported;
+- `spvit`: `spvit search` at the budget (gates and weights trained together), exported, fine-tuned from the
+  search's weights;
+- `spvit_dense_init`: the same searched architecture fine-tuned from the dense weights (`--init dense`, the
+  paper's choice);
 - `magnitude`: every mixer msa, every block keeps the same share of MLP hidden units, the largest by
   ‖fc1 row‖·‖fc2 column‖; the share is the largest that fits the budget;
 - `uniform`: the same shape, but every block keeps its *first* units (a width multiplier, no criterion);
 - `random`: every gate logit drawn from N(0, 1), then projected onto the budget (random mixers and
-  per-block widths, as close under the budget as the greedy projection gets).
+  per-block widths, as close under the budget as the greedy projection gets);
+- `attention_drop`: skip the attention layers whose removal alone costs the least val loss, then magnitude
+  MLP pruning to the budget; of the feasible numbers of skipped layers, the one with the lowest one-shot loss;
+- `optuna`: `spvit search --strategy optuna` (TPE, scored with the dense weights shared, BN recalibrated).
 
-Every candidate is then fine-tuned the same way (`spvit finetune`: the same epochs, soft KD from the dense
-model, α 0.5, τ 1), over 3 seeds; the baselines start from the dense weights, `spvit` from its search's
-weights (the method's own output). Reported: mean ± std of the final val top-1 over the seeds (the last
-epoch, no selection on val) and the real MACs of each candidate (lookup table; the same as fvcore's count
-of the exported module).
+Every candidate is fine-tuned the same way (`spvit finetune`: soft KD from the dense model, α 0.5, τ 1) for the
+same number of weight-training epochs in all: `spvit` gets `--finetune-epochs` after its search's
+`--search-epochs`, every other candidate `--search-epochs + --finetune-epochs`, from the dense weights.
+Reported over the seeds: mean ± std of the final val top-1 (the last epoch, no selection on val), the top-1
+before fine-tuning, and the real MACs of each candidate (lookup table; the same as fvcore's count of the
+exported module). `--search-set KEY=JSON` changes a search setting (`search_ablations.py` uses it).
 
 Run from the repository root: `.venv/bin/python benchmarks/accuracy_study.py [--data SPEC] [--update-results]`
-(about 20 minutes on 2 CPU cores with the defaults).
+(about 20 minutes per budget and seed on 2 CPU cores with `fashion_mnist:300:100` at 28 px).
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ import json
 import pytest
 import timm
 import torch
+from helpers import TINY, randomize_
 
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.optim import SharedMomentAdam, gate_optimizer
-from helpers import TINY, randomize_
 from spvit_search.cli import main
 from spvit_search.discrete_spaces import unit_magnitude
 from spvit_search.search import dense_teacher, init_gates_from_magnitude
