@@ -27,6 +27,13 @@ from supernets import VisionTransformerSupernet, build_supernet
 TEST_DEVICE = os.environ.get("SPVIT_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CUDA starts lazily: nothing above has looked for a GPU yet
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs one pytest worker per core: each gets its share of torch threads, and so do the processes it
+    # starts (through OMP_NUM_THREADS), so a run resumed in the test process reduces in the same order as the one a
+    # killed subprocess began: the bit-identical resume tests rely on it.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 def pytest_configure(config: pytest.Config) -> None:
