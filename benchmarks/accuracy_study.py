@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import shutil
 import statistics
@@ -43,7 +42,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from results_md import machine_description, save_results
+from results_md import save_results, study_record
 from subnet_speed import random_gate_logits_
 from torch.utils.data import DataLoader
 
@@ -318,12 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = aggregate(study["runs"], study["dense_macs"])
     table = markdown_table(rows, study["infeasible"])
     results = {
-        "benchmark": "accuracy_study",
-        "date": datetime.date.today().isoformat(),
-        "machine": machine_description(torch.device("cpu")),
-        "torch": torch.__version__,
-        "settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
-        "minutes": minutes,
+        **study_record("accuracy_study", args, minutes),
         "dense_macs": study["dense_macs"],
         "rows": rows,
         "runs": study["runs"],

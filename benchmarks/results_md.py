@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import platform
@@ -22,6 +24,18 @@ def machine_description(device: torch.device) -> str:
         names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
         cpu = names[0] if names else cpu
     return f"{os.cpu_count()}-core CPU ({cpu})"
+
+
+def study_record(name: str, args: argparse.Namespace, minutes: float) -> dict[str, Any]:
+    """The head of a CPU study's JSON results: what ran, when, where, with which settings, for how long."""
+    return {
+        "benchmark": name,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(torch.device("cpu")),
+        "torch": torch.__version__,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "minutes": minutes,
+    }
 
 
 def generated_block(name: str, body: str) -> str:

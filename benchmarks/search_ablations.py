@@ -17,25 +17,24 @@ Run from the repository root: `.venv/bin/python benchmarks/search_ablations.py [
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import accuracy_study
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from accuracy_study import one_shot_metrics, uniform_architecture
-from results_md import machine_description, save_results
+from results_md import save_results, study_record
 
 from lookup_tables import build_lookup_table
 from spvit_search.data import build_dataset, build_loader
-from spvit_search.discrete_spaces import unit_magnitude
+from spvit_search.demo import DENSE_WEIGHTS, DemoConfig
+from spvit_search.discrete_spaces import unit_magnitude, unit_ranking
 from spvit_search.export import load_search_supernet
 from supernets import Architecture, BlockChoice, build_supernet
 
@@ -61,15 +60,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if not results.is_file():
         if name != "default" and not (out / "dense").is_dir():
             shutil.copytree(args.out / "default" / "dense", out / "dense")
-        command = [
-            sys.executable, str(BENCHMARKS / "accuracy_study.py"), "--data", args.data, "--img-size",
+        argv = [
+            "--data", args.data, "--img-size",
             str(args.img_size), "--dense-epochs", str(args.dense_epochs), "--budgets", str(args.budget), "--seeds",
             *map(str, args.seeds), "--methods", "spvit", "spvit_dense_init", "--out", str(out), "--results",
             str(results), "--search-epochs", str(args.search_epochs), "--finetune-epochs", str(args.finetune_epochs),
         ]  # fmt: skip
         for setting in VARIANTS[name]:
-            command += ["--search-set", setting]
-        subprocess.run(command, check=True)
+            argv += ["--search-set", setting]
+        accuracy_study.main(argv)
     return json.loads(results.read_text())
 
 
@@ -90,13 +89,14 @@ def variant_rows(name: str, study: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def gate_ranking(args: argparse.Namespace) -> list[dict[str, Any]]:
+def gate_ranking(args: argparse.Namespace) -> dict[str, Any]:
     """The per-block table of the default variant's first seed (see the module docstring)."""
     study_out = args.out / "default"
     searched = load_search_supernet(study_out / "search" / f"{args.budget}x_s{args.seeds[0]}" / "supernet.safetensors")
+    demo = DemoConfig()  # the study's model, as accuracy_study.py builds it
     dense = build_supernet(
-        "test_vit", checkpoint_path=study_out / "dense" / "model.safetensors", img_size=args.img_size,
-        num_classes=searched.num_classes, patch_size=4,
+        demo.model, checkpoint_path=study_out / "dense" / DENSE_WEIGHTS, img_size=args.img_size,
+        num_classes=searched.num_classes, **demo.model_kwargs,
     )  # fmt: skip
     lut = build_lookup_table(dense)
     val_loader = build_loader(build_dataset(args.data, "val", args.img_size, augment=False), 256, train=False)
@@ -114,7 +114,7 @@ def gate_ranking(args: argparse.Namespace) -> list[dict[str, Any]]:
         return Architecture(dense.name, dense.img_size, dense.num_classes, tuple(blocks))
 
     target = int(args.budget * lut.dense_flops())
-    uniform = uniform_architecture(dense, lut, target, [s.argsort(descending=True).tolist() for s in magnitude])
+    uniform = uniform_architecture(dense, lut, target, [unit_ranking(b.mlp) for b in dense.blocks])
     one_shot = {
         "logit": one_shot_metrics(dense, filled(logits), val_loader)["acc1"],
         "magnitude": one_shot_metrics(dense, filled(magnitude), val_loader)["acc1"],
@@ -132,7 +132,7 @@ def gate_ranking(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "taylor_mean": float(tay.mean()),
             }
         )  # fmt: skip
-    return [{"one_shot": one_shot, "blocks": rows}]
+    return {"one_shot": one_shot, "blocks": rows}
 
 
 def taylor_importance(net: torch.nn.Module, args: argparse.Namespace) -> list[torch.Tensor]:
@@ -200,15 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     rows = [row for name in args.variants for row in variant_rows(name, run_variant(name, args))]
-    ranking = gate_ranking(args)[0]
+    ranking = gate_ranking(args)
     minutes = (time.perf_counter() - started) / 60
     table = markdown(rows, ranking)
     results = {
-        "benchmark": "search_ablations", "date": datetime.date.today().isoformat(),
-        "machine": machine_description(torch.device("cpu")), "torch": torch.__version__,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "minutes": minutes,
-        "variants": rows, "gate_ranking": ranking,
-    }  # fmt: skip
+        **study_record("search_ablations", args, minutes),
+        "variants": rows,
+        "gate_ranking": ranking,
+    }
     body = (
         f"Measured {results['date']} on {results['machine']}, torch {torch.__version__}, data `{args.data}`, "
         f"{args.img_size} px, budget {args.budget}x, seeds {' '.join(map(str, args.seeds))}; search "
