@@ -1,4 +1,4 @@
-"""Distillation losses: soft-label KD (as SReT and RIFormer train), DeiT-style hard distillation, or none.
+"""Distillation losses: soft-label KD (as RIFormer and recursive ViTs train), DeiT-style hard distillation, or none.
 
 The total is `(1 - alpha) · CE(student, labels) + alpha · KD(student, teacher)`; `none` is the plain CE.
 Soft KD is KL(softmax(t/τ) ‖ softmax(s/τ)) · τ², averaged over the batch, so its gradient keeps the scale

@@ -11,8 +11,8 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-# Matrix work: weight multiply-adds and attention matmuls. The `core` convention (T2T-ViT, SReT)
-# counts only these; `fvcore` adds what fvcore counts besides (norms, pooling, upsampling).
+# Matrix work: weight multiply-adds and attention matmuls. The `core` convention (the papers that count matrix work
+# alone) counts only these; `fvcore` adds what fvcore counts besides (norms, pooling, upsampling).
 CORE_OPERATORS = frozenset({"linear", "addmm", "matmul", "bmm", "mm", "einsum", "conv", "scaled_dot_product_attention"})
 
 
@@ -63,22 +63,9 @@ def count_macs_by_child(module: nn.Module, *inputs: torch.Tensor, convention: st
     }
 
 
-def fixed_parameter_counts(net: nn.Module) -> dict[str, int]:
-    """Parameters outside the blocks, per top-level child; `tokens` holds the net's own (class token,
-    position embeddings). Gate logits are search-only and not counted. A supernet that also slims what lies
-    outside its blocks (T2T-ViT) counts the parts its fixed architecture's width uses itself."""
-    if hasattr(net, "fixed_parameter_counts"):
-        return net.fixed_parameter_counts()
-    counts = {
-        name: sum(p.numel() for p in child.parameters()) for name, child in net.named_children() if name != "blocks"
-    }
-    counts["tokens"] = sum(p.numel() for p in net.parameters(recurse=False))
-    return counts
-
-
 def fixed_rows(net: nn.Module, macs: dict[str, int]) -> list[dict[str, Any]]:
     """One row per part outside the blocks (patch embedding, tokens, norms, head)."""
-    params = fixed_parameter_counts(net)
+    params = net.fixed_parameter_counts()
     return [
         dict(block=-1, item="fixed", choice=name, macs=macs.get(name, 0), params=params.get(name, 0))
         for name in [*params, *(n for n in macs if n not in params)]

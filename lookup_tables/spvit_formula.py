@@ -11,14 +11,14 @@ from typing import Any
 
 from torch import nn
 
-from supernets import VisionTransformerSupernet
+from supernets.family import family_of
 
 from .counting import fixed_rows
 
 
 def spvit_rows(net: nn.Module) -> list[dict[str, Any]]:
     """Lookup-table rows in the `spvit` convention (parameters are counted from the real modules)."""
-    if not isinstance(net, VisionTransformerSupernet):  # e.g. CaiT: talking heads and class attention are not in it
+    if not family_of(net).spvit_formula:  # a family whose layers the formula does not describe
         raise ValueError(
             f"the spvit convention is the SPViT paper's formula for DeiT/ViT; price '{net.name}' with fvcore or core"
         )

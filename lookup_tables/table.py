@@ -3,16 +3,16 @@
 Costs are additive: a subnet costs the fixed part (stem, tokens, final norm, head) plus, per block,
 its mixer's cost, the MLP branch's width-independent cost and a per-kept-unit cost times its width.
 
-A supernet with depth and width choices (T2T-ViT) is priced at each embedding width it offers: the `width`
-column names the width of a row (0 in a table of one width, and in tables written before the column was),
-and a subnet of depth d costs the fixed part plus its first d blocks at its width. The header then records
-the supernet's `discrete_choices` (depths, widths, head counts).
+A supernet with choices outside its blocks records them in the header (`discrete_choices`: depths, widths,
+head counts...). One with width choices is priced at each embedding width its family lists
+(`Family.table_widths`): the `width` column names the width of a row (0 in a table of one width, and in tables
+written before the column was), and a subnet of depth d costs the fixed part plus its first d blocks at its
+width.
 
-A block applied several times per forward (SReT's recursion) costs the sum of its applications. SReT's group
-splits change the msa candidate's attention matmuls (÷G), so a block's msa is also priced per pass and group
-count: `msa_groups` rows, whose choice `groups[s][p]=G` names the entry of `Architecture.groups` they price.
-An architecture with groups costs, per msa block, the sum of its passes' rows at its group counts; the `msa`
-mixer row, the same sum at the supernet's own group counts, is what the gradient search prices.
+A block applied several times per forward (a recursive family) costs the sum of its applications. A family whose
+choices change the msa candidate's cost per pass adds extra msa rows per block (`Family.extra_block_rows`, item
+`msa_groups`), and says which of them price an architecture's msa (`Family.msa_row_choices`); the `msa` mixer
+row, their sum at the supernet's own choices, is what the gradient search prices.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +34,8 @@ from torch import nn
 
 from supernets import MIXERS, Architecture, BlockChoice
 from supernets.architecture import check_type
+from supernets.family import Family, family_of, family_of_model_name
 from supernets.io import atomic_write_text
-from supernets.vit import input_channels
 
 from .counting import count_macs, count_macs_by_child, fixed_rows
 from .spvit_formula import spvit_rows
@@ -47,15 +46,16 @@ FORMAT_VERSION = 1
 COLUMNS = ["block", "item", "choice", "macs", "params", "units"]
 _META_FIELDS = ("model", "img_size", "num_classes", "model_kwargs", "convention")
 _META_TYPES = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "convention": str}
-CHOICES = "discrete_choices"  # the optional header field of a supernet with depth and width choices
+CHOICES = "discrete_choices"  # the optional header field of a supernet with choices outside its blocks
 WIDTH = "width"  # the optional column: the embedding width a row prices (0: the supernet's only one)
-MSA_GROUPS = "msa_groups"  # the `item` of a row that prices one pass of a block's msa at one group count (SReT)
-_GROUP_CHOICE = re.compile(r"groups\[(\d+)\]\[(\d+)\]=(\d+)")  # an msa_groups row's `choice`: stage, pass, G
+# The `item` of a family's extra msa rows, each pricing one pass of a block's msa at one option of the family's
+# choice (named after the first choice that needed them, the group splits).
+EXTRA_MSA = "msa_groups"
 
 
 class LookupTable:
-    """One row per block and choice (`item` mixer / mlp_fixed / mlp_unit, and msa_groups for SReT) plus the fixed
-    costs, per width.
+    """One row per block and choice (`item` mixer / mlp_fixed / mlp_unit, and a family's extra msa rows) plus the
+    fixed costs, per width.
 
     `units` is the MLP hidden size on `mlp_unit` rows; block -1 holds the fixed costs, one row per part.
     The arrays below (what the gates' search prices) are those of the full width; a narrower width's are a
@@ -98,14 +98,10 @@ class LookupTable:
         self.mlp_unit_macs = mlp_unit.macs.to_numpy(np.int64)
         self.mlp_unit_params = mlp_unit.params.to_numpy(np.int64)
         self.mlp_hidden = mlp_unit.units.to_numpy(np.int64)
-        # SReT: per block, {(stage, pass): {G: MACs of that pass's msa with G groups}}; empty for other families.
-        self.msa_by_groups: dict[int, dict[tuple[int, int], dict[int, int]]] = {}
-        for row in blocks[blocks.item == MSA_GROUPS].itertuples():
-            match = _GROUP_CHOICE.fullmatch(row.choice)
-            if match is None:
-                raise ValueError(f"block {row.block}: {MSA_GROUPS} choice '{row.choice}' is not groups[s][p]=G")
-            stage, step, groups = map(int, match.groups())
-            self.msa_by_groups.setdefault(int(row.block), {}).setdefault((stage, step), {})[groups] = int(row.macs)
+        # Per block, {choice: MACs} of its family's extra msa rows; empty for a family without any.
+        self.extra_msa: dict[int, dict[str, int]] = {}
+        for row in blocks[blocks.item == EXTRA_MSA].itertuples():
+            self.extra_msa.setdefault(int(row.block), {})[row.choice] = int(row.macs)
         narrower = {w: LookupTable(self.meta, self._frame[self._frame[WIDTH] == w]) for w in widths[:-1]}
         self._by_width = narrower | {widths[-1]: self}
 
@@ -116,6 +112,10 @@ class LookupTable:
     @property
     def convention(self) -> str:
         return self.meta["convention"]
+
+    @property
+    def family(self) -> Family:
+        return family_of_model_name(self.model)
 
     # -- pricing ----------------------------------------------------------------------------------
 
@@ -134,12 +134,12 @@ class LookupTable:
             mlp_hidden=self.mlp_hidden.tolist(),
             choices=self.meta.get(CHOICES),
         )
-        if (arch.embed_dim or 0) not in self._by_width:
+        if self.family.table_width(arch) not in self._by_width:
             raise ValueError(f"embed_dim: the lookup table prices widths {', '.join(map(str, self._by_width))} only")
 
     def check_supernet(self, net: nn.Module) -> None:
         """Raise a `ValueError` if this table was not built for `net`'s model, size and settings."""
-        # As JSON, as the table stores it: a supernet built with tuple arguments (SReT's heads=(1, 2, 4)) matches the
+        # As JSON, as the table stores it: a supernet built with tuple arguments (e.g. heads=(1, 2, 4)) matches the
         # lists a saved table reads back.
         config = json.loads(json.dumps(net.config()))
         for field in ("model", "img_size", "num_classes", "model_kwargs"):
@@ -170,20 +170,20 @@ class LookupTable:
         return table.fixed_params + int(per_block.sum())
 
     def range(self, full_size: bool = False) -> tuple[int, int]:
-        """(min, max) MACs over the whole search space: every depth, width and group split the supernet offers,
-        every mixer and MLP width. `full_size` keeps to its full depth and width and its own group splits, all that
-        its gates choose between."""
+        """(min, max) MACs over the whole search space: every depth, width and family choice the supernet offers,
+        every mixer and MLP width. `full_size` keeps to its full depth and width and its own family choices, all
+        that its gates choose between."""
         depths = [self.depth] if full_size else self.meta.get(CHOICES, {}).get("depth", [self.depth])
         tables = [self] if full_size else self._by_width.values()
         # The cheapest subnet of depth d at a width: every mixer at its cheapest, every MLP empty. (Skip costs
-        # nothing, so the group splits do not change it.)
+        # nothing, so the extra msa rows do not change it.)
         low = min(
             t.fixed_macs + int((t.mlp_fixed_macs + t.mixer_macs.min(axis=1))[:d].sum()) for t in tables for d in depths
         )
         mixer_max = self.mixer_macs.max(axis=1)
-        if not full_size:  # msa at its dearest group splits, every pass at its fewest groups
-            for block, passes in self.msa_by_groups.items():
-                mixer_max[block] = max(mixer_max[block], sum(max(by_g.values()) for by_g in passes.values()))
+        if not full_size:  # msa at its dearest family choices
+            for block, rows in self.extra_msa.items():
+                mixer_max[block] = max(mixer_max[block], self.family.dearest_msa(rows))
         base = self.fixed_macs + int(self.mlp_fixed_macs.sum())
         high = base + int(mixer_max.sum() + (self.mlp_unit_macs * self.mlp_hidden).sum())
         return low, high
@@ -195,21 +195,21 @@ class LookupTable:
         return self.fixed_macs + int(per_block.sum())
 
     def _mixer_macs(self, arch: Architecture, mixers: np.ndarray) -> np.ndarray:
-        """Per block, the MACs of its mixer (indices into MIXERS); an msa block at the architecture's group splits."""
+        """Per block, the MACs of its mixer (indices into MIXERS); an msa block by the extra msa rows its family
+        picks for the architecture, where it picks any."""
         macs = self.mixer_macs[np.arange(arch.depth), mixers]
-        if arch.groups is None:
-            return macs
-        msa = MIXERS.index("msa")
-        for block in np.flatnonzero(mixers == msa):
-            passes = self.msa_by_groups[int(block)]
-            macs[block] = sum(by_g[arch.groups[s][p]] for (s, p), by_g in passes.items())
+        for block in np.flatnonzero(mixers == MIXERS.index("msa")):
+            rows = self.extra_msa.get(int(block), {})
+            chosen = self.family.msa_row_choices(arch, int(block), rows) if rows else None
+            if chosen is not None:
+                macs[block] = sum(rows[c] for c in chosen)
         return macs
 
     def _choices(self, arch: Architecture) -> tuple[LookupTable, np.ndarray, np.ndarray]:
         """The table of `arch`'s width, and per block its mixer's index and its number of kept hidden units."""
         mixers = np.array([MIXERS.index(b.mixer) for b in arch.blocks])
         units = np.array([len(b.mlp_kept) for b in arch.blocks], dtype=np.int64)
-        return self._by_width[arch.embed_dim or 0], mixers, units
+        return self._by_width[self.family.table_width(arch)], mixers, units
 
     def _describe(self) -> str:
         m = self.meta
@@ -265,8 +265,8 @@ class LookupTable:
                 raise ValueError("costs must not be negative")
             if not table.depth == len(table.mixer_macs) == len(table.mlp_fixed_macs) == len(table.mlp_hidden):
                 raise ValueError(f"every one of the {table.depth} blocks needs its mixer, mlp_fixed and mlp_unit rows")
-            if "groups" in meta.get(CHOICES, {}) and sorted(table.msa_by_groups) != list(range(table.depth)):
-                raise ValueError(f"every one of the {table.depth} blocks needs its {MSA_GROUPS} rows")
+            if table.extra_msa and sorted(table.extra_msa) != list(range(table.depth)):
+                raise ValueError(f"every one of the {table.depth} blocks needs its {EXTRA_MSA} rows")
             return table
         except (ValueError, KeyError, TypeError, json.JSONDecodeError, pd.errors.ParserError) as e:
             raise ValueError(f"{path} is not a valid lookup table: {e}") from None
@@ -280,22 +280,24 @@ def build_lookup_table(net: nn.Module, convention: str = "fvcore") -> LookupTabl
     if any(p.device.type not in ("cpu", "meta") for p in net.parameters()):
         net = copy.deepcopy(net).cpu()
     meta = {k: v for k, v in net.config().items() if k in _META_FIELDS} | {"convention": convention}
-    if hasattr(net, CHOICES):  # depth and width choices without gates (T2T-ViT)
+    if net.discrete_choices():
         meta[CHOICES] = net.discrete_choices()
-    widths = meta.get(CHOICES, {}).get("embed_dim", [0])
+    family = family_of(net)
     if convention == "spvit":
         rows = spvit_rows(net)
     else:
-        rows = [row | {WIDTH: w} for w in widths for row in _measured_rows(net, convention, w)]
+        rows = [
+            row | {WIDTH: w} for w in family.table_widths(net) for row in _measured_rows(net, family, convention, w)
+        ]
     for row in rows:
         row.setdefault("units", 0)
         row.setdefault(WIDTH, 0)
     return LookupTable(meta, pd.DataFrame(rows, columns=[*COLUMNS, WIDTH]))
 
 
-def _measured_rows(net: nn.Module, convention: str, embed_dim: int) -> list[dict[str, Any]]:
+def _measured_rows(net: nn.Module, family: Family, convention: str, embed_dim: int) -> list[dict[str, Any]]:
     """The rows of embedding width `embed_dim` (0: the supernet's only one), measured by fvcore."""
-    smallest = _smallest_architecture(net, embed_dim)
+    smallest = _smallest_architecture(net, family, embed_dim)
     block_inputs = _block_input_shapes(net, smallest)
     with _fixed(net, smallest):
         # Every mixer skipped and every MLP empty: what remains outside the blocks is the fixed cost.
@@ -313,7 +315,7 @@ def _measured_rows(net: nn.Module, convention: str, embed_dim: int) -> list[dict
                 mixer_macs[mixer] = sum(_measure(branch, x, convention) for branch in branches)
                 params = sum(p.numel() for p in block.mixer_parameters(mixer, x.shape[-1]))
                 rows.append(dict(block=i, item="mixer", choice=mixer, macs=mixer_macs[mixer], params=params))
-            rows += _msa_group_rows(net, i, x, convention, mixer_macs["msa"])
+            rows += _extra_msa_rows(net, family, i, x, convention, mixer_macs["msa"])
             hidden = block.mlp.hidden_features
             mlp_at = {}
             for width in (0, 1, hidden):
@@ -332,23 +334,17 @@ def _measured_rows(net: nn.Module, convention: str, embed_dim: int) -> list[dict
     return rows
 
 
-def _msa_group_rows(net: nn.Module, i: int, x: torch.Tensor, convention: str, msa_macs: int) -> list[dict[str, Any]]:
-    """SReT: the `msa_groups` rows of block i (input x), its msa on each pass at every group count the pass offers;
-    none for a supernet without group choices. `msa_macs`, the block's msa row, must be their sum at its groups."""
-    offered = getattr(net, CHOICES)().get("groups") if hasattr(net, CHOICES) else None
-    if offered is None:
-        return []
-    stage, block = net.block_stages[i], net.blocks[i]
-    block.attn.fixed_mixer = "msa"
-    rows, own = [], 0
-    for step, (options, kw) in enumerate(zip(offered[stage], net.block_passes(i), strict=True)):
-        for groups in options:
-            macs = _measure(_Branch(block, "mixer_branch", kw | {"groups": groups}), x, convention)
-            rows.append(dict(block=i, item=MSA_GROUPS, choice=f"groups[{stage}][{step}]={groups}", macs=macs, params=0))
-            own += macs if groups == kw["groups"] else 0
-    if own != msa_macs:
-        raise RuntimeError(f"block {i}: msa costs {msa_macs} MACs, but its passes {own} at the same group counts")
-    return rows
+def _extra_msa_rows(
+    net: nn.Module, family: Family, i: int, x: torch.Tensor, convention: str, msa_macs: int
+) -> list[dict[str, Any]]:
+    """The family's extra msa rows of block i (input x), each pass measured with the msa mixer fixed."""
+    block = net.blocks[i]
+
+    def measure(kwargs: dict[str, Any]) -> int:
+        block.attn.fixed_mixer = "msa"
+        return _measure(_Branch(block, "mixer_branch", kwargs), x, convention)
+
+    return [dict(block=i, item=EXTRA_MSA) | row for row in family.extra_block_rows(net, i, measure, msa_macs)]
 
 
 class _Branch(nn.Module):
@@ -371,12 +367,12 @@ def _measure(module: nn.Module, x: torch.Tensor, convention: str) -> int:
 
 
 def _image(net: nn.Module) -> torch.Tensor:
-    return torch.zeros(1, input_channels(net), net.img_size, net.img_size)
+    return torch.zeros(1, net.in_chans, net.img_size, net.img_size)
 
 
 def _block_input_shapes(net: nn.Module, arch: Architecture) -> list[tuple[int, ...]]:
     """The token tensor shape each block sees for one image with `arch` fixed, recorded from a real forward (at its
-    first application: a block applied again, SReT's recursion, sees tokens of the same shape)."""
+    first application: a block applied again, by a recursive family, sees tokens of the same shape)."""
     shapes: dict[nn.Module, tuple[int, ...]] = {}
 
     def record(block: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -392,9 +388,9 @@ def _block_input_shapes(net: nn.Module, arch: Architecture) -> list[tuple[int, .
     return [shapes[b] for b in net.blocks]
 
 
-def _smallest_architecture(net: nn.Module, embed_dim: int) -> Architecture:
+def _smallest_architecture(net: nn.Module, family: Family, embed_dim: int) -> Architecture:
     """Every mixer skipped and every MLP empty, at full depth and embedding width `embed_dim` (0: the only one)."""
-    dense = net.dense_architecture(embed_dim) if embed_dim else net.dense_architecture()
+    dense = family.smallest_architecture(net, embed_dim)
     return dataclasses.replace(dense, blocks=tuple(BlockChoice("skip", ()) for _ in dense.blocks))
 
 

@@ -1,7 +1,8 @@
 """Run directories as a report sees them: what kind of run each is, what it holds, and which belong together.
 
-Kinds: `search` (a gradient search, `spvit search`), `optuna` (a study, recognised by `trials.csv`) and
-`finetune` (`spvit finetune`). A directory without run files whose subdirectories are runs (`runs/demo`)
+Kinds: `search` (a gradient search, `spvit search`), `optuna` (a study) and `finetune` (`spvit finetune`), as the
+run's summary.json or config.json records it (`run_format`); a run written before runs recorded their kind is
+recognised by its files. A directory without run files whose subdirectories are runs (`runs/demo`)
 stands for those runs. A fine-tune is linked to the search it came from, and the two become one report
 run: through its config's `search_run` when that directory exists, else with a search passed alongside
 that produced the very architecture it fine-tuned.
@@ -26,10 +27,24 @@ from .run_files import (
     read_trials,
     warn,
 )
+from .run_format import (
+    ARCH,
+    BEST,
+    CONFIG,
+    FINETUNE,
+    LUT,
+    METRICS,
+    OPTUNA,
+    SEARCH,
+    SEARCH_KINDS,
+    SUMMARY,
+    SUPERNET,
+    TRIALS,
+    recorded_kind,
+)
 
-RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "arch.json", "lut.csv", "trials.csv")
+RUN_FILES = (CONFIG, SUMMARY, METRICS, ARCH, LUT, TRIALS)
 CONTAINER_DEPTH = 3  # runs/study/finetune/seed0: how deep a directory of runs is searched for runs
-SEARCH_KINDS = ("search", "optuna")
 
 
 @dataclass
@@ -90,19 +105,23 @@ def has_run_files(path: Path) -> bool:
 
 
 def classify(path: Path, config: dict[str, Any] | None, summary: dict[str, Any] | None) -> str:
-    if (path / "trials.csv").is_file() or (summary or {}).get("kind") == "optuna":
-        return "optuna"
-    if (summary or {}).get("kind") == "finetune" or "subnet" in (config or {}) or (path / "best").is_dir():
-        return "finetune"
-    if (path / "lut.csv").is_file() or "target" in (config or {}) or (path / "supernet.safetensors").is_file():
-        return "search"
+    """The kind the run records; for a run written before runs recorded it, the kind its files suggest."""
+    kind = recorded_kind(summary, config)
+    if kind is not None:
+        return kind
+    if (path / TRIALS).is_file():
+        return OPTUNA
+    if "subnet" in (config or {}) or (path / BEST).is_dir():
+        return FINETUNE
+    if (path / LUT).is_file() or "target" in (config or {}) or (path / SUPERNET).is_file():
+        return SEARCH
     return "unknown"
 
 
 def read_run_dir(path: Path, warnings: list[str]) -> RunDir:
     """Read every file a run of its kind should hold, warning about each one missing or unreadable."""
-    config = read_json_object(path / "config.json", warnings)
-    summary_path = path / "summary.json"
+    config = read_json_object(path / CONFIG, warnings)
+    summary_path = path / SUMMARY
     summary = read_json_object(summary_path, warnings, required=False)
     kind = classify(path, config, summary)
     run = RunDir(path, kind, config, summary)
@@ -110,29 +129,29 @@ def read_run_dir(path: Path, warnings: list[str]) -> RunDir:
         warn(warnings, f"{path} is not a search, Optuna or fine-tune run; only its files that fit are shown")
     if summary is None and not summary_path.exists():
         warn(warnings, f"{summary_path} is missing: the run has not finished (or was stopped)")
-    if (path / "metrics.jsonl").is_file():
-        run.metrics = read_metrics(path / "metrics.jsonl", warnings)
-    elif kind != "optuna":  # a study trains nothing
-        warn(warnings, f"{path / 'metrics.jsonl'} is missing: no training curves")
+    if (path / METRICS).is_file():
+        run.metrics = read_metrics(path / METRICS, warnings)
+    elif kind != OPTUNA:  # a study trains nothing
+        warn(warnings, f"{path / METRICS} is missing: no training curves")
     run.arch = _architecture(path, kind, warnings)
     if kind in SEARCH_KINDS:
-        if (path / "lut.csv").is_file():
-            run.costs = read_cost_table(path / "lut.csv", warnings)
+        if (path / LUT).is_file():
+            run.costs = read_cost_table(path / LUT, warnings)
         else:
-            warn(warnings, f"{path / 'lut.csv'} is missing: per-block MACs and params are not shown")
-    if (path / "trials.csv").is_file():
-        run.trials = read_trials(path / "trials.csv", warnings)
+            warn(warnings, f"{path / LUT} is missing: per-block MACs and params are not shown")
+    if (path / TRIALS).is_file():
+        run.trials = read_trials(path / TRIALS, warnings)
     return run
 
 
 def _architecture(path: Path, kind: str, warnings: list[str]) -> ArchSpec | None:
-    if (path / "arch.json").is_file():
-        return read_architecture(path / "arch.json", warnings)
-    latest = latest_epoch_architecture(path) if kind == "search" else None
+    if (path / ARCH).is_file():
+        return read_architecture(path / ARCH, warnings)
+    latest = latest_epoch_architecture(path) if kind == SEARCH else None
     if latest is None:
-        warn(warnings, f"{path / 'arch.json'} is missing: no architecture to show")
+        warn(warnings, f"{path / ARCH} is missing: no architecture to show")
         return None
-    warn(warnings, f"{path / 'arch.json'} is missing; showing {latest.name}, the last epoch's (not projected)")
+    warn(warnings, f"{path / ARCH} is missing; showing {latest.name}, the last epoch's (not projected)")
     return read_architecture(latest, warnings)
 
 
@@ -163,8 +182,8 @@ def _runs_below(path: Path, depth: int) -> list[Path]:
     runs: list[Path] = []
     for child in sorted(p for p in path.iterdir() if p.is_dir()):
         if has_run_files(child):
-            config = read_json_object(child / "config.json", [], required=False)
-            summary = read_json_object(child / "summary.json", [], required=False)
+            config = read_json_object(child / CONFIG, [], required=False)
+            summary = read_json_object(child / SUMMARY, [], required=False)
             if classify(child, config, summary) != "unknown":
                 runs.append(child)
         elif depth > 1:
@@ -180,7 +199,7 @@ def link_runs(run_dirs: list[RunDir], warnings: list[str]) -> list[ReportRun]:
     searches = {r.path.resolve(): r for r in run_dirs if r.kind in SEARCH_KINDS}
     pairs: dict[int, ReportRun] = {}
     for run in run_dirs:
-        if run.kind != "finetune":
+        if run.kind != FINETUNE:
             continue
         search = _recorded_search(run, searches, warnings) or _search_by_architecture(run, list(searches.values()))
         if search is not None and run.arch is not None and search.arch is not None and run.arch != search.arch:

@@ -44,6 +44,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, get_worker_info
 from torchvision.transforms import Compose
 
+from .settings import group
+
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.2
 """Share of every class held out for `val` (digits, and a folder without train/ and val/)."""
@@ -67,38 +69,50 @@ _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Everything needed to build the train and val loaders of a run; stored with the run's config."""
+data_setting = group("data")
 
-    spec: str = "digits"
-    """`digits`, `torch/NAME` or a folder path."""
-    img_size: int = 32
-    """Side of the square images the model sees."""
-    batch_size: int = 64
-    """Samples per batch (per process when distributed)."""
-    num_workers: int = 0
-    """DataLoader worker processes; 0 loads in the main process (enough for digits; see `default_num_workers`)."""
-    download: bool = False
-    """Let a `torch/NAME` dataset download itself when missing. Nothing else ever downloads."""
-    root: str | None = None
-    """Directory of a `torch/NAME` dataset (default DEFAULT_TORCH_ROOT); unused by the other kinds."""
-    augment: bool = True
-    """Random augmentation for the train split (timm's train transform; a random shift for digits). Val never is."""
-    seed: int = 0
-    """Seed of the loaders' shuffling and worker RNGs (not of the val split, which is fixed)."""
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """The data settings of a command (the run configs inherit them): which dataset, and how it is loaded."""
+
+    data: str = data_setting(
+        "digits",
+        help="digits (embedded), fashion_mnist (Debian's dataset-fashion-mnist files), torch/NAME, or an image folder",
+    )
+    data_root: str | None = data_setting(
+        None, help="where torch/NAME datasets live, or the fashion_mnist idx files", default_text="their usual place"
+    )
+    download: bool = data_setting(False, help="allow torch/NAME datasets to download")
+    batch_size: int = data_setting(64, help="samples per batch (per process under torchrun)")
+    num_workers: int | None = data_setting(
+        None, aliases=("--workers",), help="data loader worker processes",
+        default_text="in-process for digits and fashion_mnist, min(8, CPUs) for folders and torch/NAME",
+    )  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class TrainDataConfig(DataConfig):
+    augment: bool = data_setting(True, help="random augmentation of the training split (never of val)")
+
+
+def build_datasets(config: DataConfig, img_size: int, augment: bool = False) -> tuple[Dataset, Dataset]:
+    """The (train, val) splits of `config.data` at `img_size`; `augment` the training split."""
+    train = build_dataset(config.data, "train", img_size, config.download, config.data_root, augment)
+    val = build_dataset(config.data, "val", img_size, config.download, config.data_root, augment=False)
+    return train, val
 
 
 def build_loaders(
-    cfg: DataConfig, distributed: bool = False, pin_memory: bool = False
+    config: DataConfig, train: Dataset, val: Dataset, seed: int, distributed: bool = False, pin_memory: bool = False
 ) -> tuple[DataLoader, DataLoader]:
-    """The (train, val) loaders a run trains and evaluates with; `pin_memory` as in `build_loader`."""
-    loaders = []
-    for split in SPLITS:
-        dataset = build_dataset(cfg.spec, split, cfg.img_size, cfg.download, cfg.root, cfg.augment)
-        train = split == "train"
-        loaders.append(build_loader(dataset, cfg.batch_size, train, cfg.num_workers, cfg.seed, distributed, pin_memory))
-    return loaders[0], loaders[1]
+    """The (train, val) loaders a run trains and evaluates with: the training order drawn from `seed` (and split
+    over the ranks when `distributed`), `config.num_workers` workers or the dataset's default; `pin_memory` as in
+    `build_loader`."""
+    workers = loader_workers(config.data, config.num_workers)
+    train_loader = build_loader(train, config.batch_size, True, workers, seed, distributed, pin_memory)
+    val_loader = build_loader(val, config.batch_size, train=False, num_workers=workers, pin_memory=pin_memory)
+    return train_loader, val_loader
 
 
 def default_num_workers(spec: str | os.PathLike[str]) -> int:

@@ -30,16 +30,21 @@ from .data import build_dataset, build_loader, num_classes_of
 from .evaluation import describe_model
 from .export import export_subnet, load_search_supernet, load_subnet, save_subnet, subnet_source
 from .finetuning import FinetuneConfig, run_finetune
+from .runs import DeviceSettings, RunSettings
 from .search import SearchConfig, run_search
+from .settings import inherit
 
 DENSE_WEIGHTS = "model.safetensors"
 DENSE_SETTINGS = "settings.json"
 STEPS = ("search", "subnet", "finetune", "report")  # rebuilt on every run; dense/ is the cache
 
 
-@dataclass
-class DemoConfig:
-    out: str = "runs/demo"
+@dataclass(kw_only=True)
+class DemoConfig(DeviceSettings):
+    """The demo's settings: `out`, `progress` and `device` are flags of `spvit demo`, the rest its fixed recipe."""
+
+    out: str = inherit(RunSettings, "out", "runs/demo", required=False, help="where the demo's run directories go")
+    progress: bool = inherit(RunSettings, "progress")
     data: str = "digits"
     model: str = "test_vit"  # timm's tiny ViT: dim 64, depth 6, 2 heads
     img_size: int = 32
@@ -53,8 +58,6 @@ class DemoConfig:
     finetune_epochs: int = 15
     finetune_lr: float = 5e-4
     seed: int = 0
-    progress: bool = True
-    device: str = "auto"
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:

@@ -1,13 +1,11 @@
-"""Export: from a supernet and an `Architecture` to a plain subnet (`VisionTransformerSubnet`, `CaitSubnet`,
-`T2TViTSubnet`, `SReTSubnet`), saved and loaded as data.
+"""Export: from a supernet and an `Architecture` to a plain subnet (its family's `Subnet` class), saved and
+loaded as data.
 
 `export_subnet` folds the chosen candidates into ordinary layers: msa blocks get qkv rejoined from qk and
 v; bconv blocks get the conv weight, its bias and the projection mixed from v, proj and z
-(`UnifiedAttention.conv_parameters`); MLPs keep only their kept units' rows of fc1 and columns of fc2.
-CaiT's layer scales fold into the linear layer that ends their branch (proj, fc2). A T2T-ViT subnet keeps
-the first `arch.depth` blocks and, of every tensor, the first `arch.embed_dim` channels and `arch.num_heads`
-heads (`UnifiedAttention.weights`, `T2TViTSupernet.stem_and_head_state`). An SReT subnet keeps its blocks'
-residual scalars (a skip block only the scale of x ← a·x) and runs at `arch.groups`.
+(`UnifiedAttention.plain_state`); MLPs keep only their kept units' rows of fc1 and columns of fc2
+(`UnifiedMlp.pruned_state`). The family computes the whole state (`Family.subnet_state_dict`: a family folds
+what it adds, such as layer scales, and keeps the part of the stem its chosen width uses).
 A subnet directory holds `arch.json`, `config.json` and `model.safetensors`; `load_subnet` rebuilds
 the modules from the first two (`family` in the config names the subnet class) and loads the tensors, with
 no supernet and no pickle.
@@ -19,7 +17,6 @@ been imported (importing registers the name).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -33,19 +30,10 @@ from timm.models import register_model
 from torch import nn
 
 from finetune.checkpoint import load_checkpoint
-from supernets import Architecture, BlockChoice, GateConfig, Supernet, build_supernet
-from supernets.architecture import CONV_KERNEL_SIZE, check_fields, check_type
-from supernets.cait import CaitSuperBlock, CaitSupernet
-from supernets.cait_subnet import CaitSubnet
+from supernets import Architecture, BlockChoice, GateConfig, Subnet, Supernet, build_supernet
+from supernets.architecture import check_fields, check_type
+from supernets.family import family_named, family_of
 from supernets.io import atomic_write_bytes, atomic_write_text, load_state_dict_file
-from supernets.sret_subnet import SReTSubnet
-from supernets.sret_supernet import SReTSuperBlock, SReTSupernet
-from supernets.subnet import Subnet, VisionTransformerSubnet
-from supernets.t2t_subnet import T2TViTSubnet
-from supernets.t2t_supernet import T2TViTSupernet
-from supernets.unified_attention import UnifiedAttention
-from supernets.unified_mlp import UnifiedMlp
-from supernets.vit import SuperBlock, input_channels
 
 __all__ = [
     "check_onnx_exporter",
@@ -70,10 +58,6 @@ TIMM_NAME = "spvit_subnet"
 _RELEASED_FIELDS = ("model", "mixers", "mlp_hidden", "mlp_kept")
 _SOURCE_FIELDS = ("model", "pretrained", "checkpoint", "img_size", "num_classes", "model_kwargs")
 _SUPERNET_FIELDS = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "gates": dict}
-# One subnet class per family, told apart by config.json's family.
-_SUBNET_CLASSES = (VisionTransformerSubnet, CaitSubnet, T2TViTSubnet, SReTSubnet)
-# The subnet class of each supernet class; any other supernet's is VisionTransformerSubnet.
-_SUBNET_OF = {CaitSupernet: CaitSubnet, T2TViTSupernet: T2TViTSubnet, SReTSupernet: SReTSubnet}
 
 
 # -- export -----------------------------------------------------------------------------------------
@@ -86,7 +70,7 @@ def export_subnet(net: Supernet, arch: Architecture, fold_bn: bool = False) -> S
     fewer, but no BN statistics left to adapt when fine-tuning. The subnet holds copies, on `net`'s device.
     """
     net.validate_architecture(arch)
-    subnet_class = _SUBNET_OF.get(type(net), VisionTransformerSubnet)
+    subnet_class = family_of(net).subnet_class
     with torch.device("meta"):  # structure only: every tensor comes from the supernet below
         subnet = subnet_class(arch, net.model_kwargs)
     _assign_weights(subnet, subnet_state_dict(net, arch))
@@ -96,100 +80,8 @@ def export_subnet(net: Supernet, arch: Architecture, fold_bn: bool = False) -> S
 
 @torch.no_grad()
 def subnet_state_dict(net: Supernet, arch: Architecture) -> dict[str, torch.Tensor]:
-    """The state dict of `arch`'s subnet, computed from `net`'s weights (fresh tensors, not views)."""
-    if isinstance(net, T2TViTSupernet):  # the first arch.embed_dim channels of the stem, tokens, norm and head
-        state = net.stem_and_head_state(arch.embed_dim)
-    else:
-        state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}  # stem, tokens, norm, head
-    if isinstance(net, CaitSupernet):
-        block_state = _cait_block_state
-    elif isinstance(net, SReTSupernet):
-        block_state = _sret_block_state
-    else:  # T2T-ViT at its width; a family without width choices has embed_dim None: its full width
-        block_state = functools.partial(_block_state, dim=arch.embed_dim)
-    for i, (block, choice) in enumerate(zip(net.blocks[: arch.depth], arch.blocks, strict=True)):
-        state |= _prefixed(f"blocks.{i}.", block_state(block, choice))
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _block_state(block: SuperBlock, choice: BlockChoice, dim: int | None = None) -> dict[str, torch.Tensor]:
-    """A block's state for tokens of width `dim` (default: the full width; slimmed, the norms' and layer scales'
-    first `dim` channels)."""
-
-    def per_channel(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {prefix + k: v[:dim] for k, v in module.state_dict().items()}
-
-    state = {}
-    if choice.mixer != "skip":
-        state |= per_channel("norm1.", block.norm1) | per_channel("ls1.", block.ls1)
-        state |= _prefixed("mixer.", _mixer_state(block.attn, choice.mixer, dim))
-    state |= per_channel("norm2.", block.norm2) | per_channel("ls2.", block.ls2)
-    return state | _prefixed("mlp.", _mlp_state(block.mlp, choice.mlp_kept, dim))
-
-
-def _mixer_state(attn: UnifiedAttention, mixer: str, dim: int | None) -> dict[str, torch.Tensor]:
-    weights = attn.weights(dim)
-    (proj_weight, proj_bias), (v_weight, v_bias) = weights.proj, weights.v
-    state = {"proj.weight": proj_weight} | ({} if proj_bias is None else {"proj.bias": proj_bias})
-    if mixer == "msa":
-        qk_weight, qk_bias = weights.qk
-        state["qkv.weight"] = torch.cat([qk_weight, v_weight])  # (3·A, D): q, k, v rows as timm's
-        if v_bias is not None:
-            state["qkv.bias"] = torch.cat([qk_bias, v_bias])
-        return state | _prefixed("q_norm.", attn.q_norm.state_dict()) | _prefixed("k_norm.", attn.k_norm.state_dict())
-    kernel_size = CONV_KERNEL_SIZE[mixer]
-    kernel, bias, proj = attn.conv_parameters(kernel_size, dim)
-    state |= {"conv.weight": kernel, "proj.weight": proj}
-    if bias is not None:
-        state["conv.bias"] = bias
-    bn = attn.bn1 if kernel_size == 1 else attn.bn3
-    return state | _prefixed("bn.", bn.state_dict())
-
-
-def _mlp_state(mlp: UnifiedMlp, kept: tuple[int, ...], dim: int | None) -> dict[str, torch.Tensor]:
-    index = torch.tensor(kept, dtype=torch.long, device=mlp.fc1.weight.device)
-    state = {"fc1.weight": mlp.fc1.weight[index, :dim], "fc2.weight": mlp.fc2.weight[:dim, index]}  # (k, D), (D, k)
-    if mlp.fc1.bias is not None:
-        state["fc1.bias"] = mlp.fc1.bias[index]
-    if mlp.fc2.bias is not None:
-        state["fc2.bias"] = mlp.fc2.bias[:dim]
-    return state
-
-
-def _cait_block_state(block: CaitSuperBlock, choice: BlockChoice) -> dict[str, torch.Tensor]:
-    """A CaiT block's state: talking heads' proj_l and proj_w join msa, and the layer scales are folded away."""
-    state = _block_state(block, choice)
-    if choice.mixer == "msa":
-        state |= _prefixed("mixer.proj_l.", block.attn.proj_l.state_dict())
-        state |= _prefixed("mixer.proj_w.", block.attn.proj_w.state_dict())
-    if choice.mixer != "skip":
-        _fold_layer_scale(state, "ls1.gamma", "mixer.proj.")
-    _fold_layer_scale(state, "ls2.gamma", "mlp.fc2.")
-    return state
-
-
-def _sret_block_state(block: SReTSuperBlock, choice: BlockChoice) -> dict[str, torch.Tensor]:
-    """An SReT block's state: its learnable residual scalars where ViT's has layer scales. A skip block keeps only
-    the first residual's scale a (x ← a·x)."""
-    if choice.mixer == "skip":
-        state = {"residual1.alpha": block.residual1.alpha}
-    else:
-        state = _prefixed("norm1.", block.norm1.state_dict()) | _prefixed("residual1.", block.residual1.state_dict())
-        state |= _prefixed("mixer.", _mixer_state(block.attn, choice.mixer, None))
-    state |= _prefixed("norm2.", block.norm2.state_dict()) | _prefixed("residual2.", block.residual2.state_dict())
-    return state | _prefixed("mlp.", _mlp_state(block.mlp, choice.mlp_kept, None))
-
-
-def _fold_layer_scale(state: dict[str, torch.Tensor], gamma: str, linear: str) -> None:
-    """Fold the layer scale γ (D,) at key `gamma` into the linear layer before it: γ·(W·h + b) = (γ·W)·h + γ·b."""
-    scale = state.pop(gamma)
-    state[f"{linear}weight"] = state[f"{linear}weight"] * scale[:, None]  # (D, in): row d scaled by γ_d
-    if f"{linear}bias" in state:
-        state[f"{linear}bias"] = state[f"{linear}bias"] * scale
-
-
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {prefix + k: v for k, v in state.items()}
+    """The state dict of `arch`'s subnet, computed from `net`'s weights by its family (fresh tensors, not views)."""
+    return {k: v.detach().clone() for k, v in family_of(net).subnet_state_dict(net, arch).items()}
 
 
 def _assign_weights(subnet: Subnet, state: dict[str, torch.Tensor]) -> None:
@@ -288,12 +180,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _subnet_class(config: dict[str, Any]) -> type[Subnet]:
     """The subnet class of the family a config names (ViT's names none)."""
-    family = config.get("family")
-    for subnet_class in _SUBNET_CLASSES:
-        if subnet_class.family == family:
-            return subnet_class
-    known = ", ".join(repr(c.family) for c in _SUBNET_CLASSES if c.family is not None)
-    raise ValueError(f"family: unknown subnet family {family!r}; expected {known} or none (ViT)")
+    return family_named(config.get("family")).subnet_class
 
 
 def _check_weights_fit(model: Subnet, state: dict[str, torch.Tensor], directory: Path) -> None:
@@ -463,7 +350,7 @@ def export_onnx(model: Subnet, path: str | os.PathLike, tolerance: float = 1e-4)
     check_onnx_exporter()
     model.eval()
     device = next(model.parameters()).device
-    image = torch.randn(2, input_channels(model), model.img_size, model.img_size, device=device)
+    image = torch.randn(2, model.in_chans, model.img_size, model.img_size, device=device)
     program = torch.onnx.export(
         model,
         (image,),

@@ -1,8 +1,8 @@
 """Fine-tune an exported subnet with knowledge distillation from the dense model (or another teacher).
 
-A run directory holds `config.json`, `metrics.jsonl`, `checkpoint.safetensors` (resume state), `best/` and
-`last/` (subnet directories: `load_subnet` or `spvit eval --subnet` read them), and at the end `arch.json`
-and `summary.json`.
+A run directory (kind `finetune`) holds `config.json`, `metrics.jsonl`, `checkpoint.safetensors` (resume state),
+`best/` and `last/` (subnet directories: `load_subnet` or `spvit eval --subnet` read them), and at the end
+`arch.json` and `summary.json`.
 
 The teacher is, by default, the dense model the subnet was searched from: `spvit export` records it
 (timm name, weights file and model arguments) in the subnet's `config.json` under `source`.
@@ -10,10 +10,9 @@ The teacher is, by default, the dense model the subnet was searched from: `spvit
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,61 +21,71 @@ from torch.utils.data import DataLoader
 from finetune.classification import evaluate_classifier, top1_accuracy
 from finetune.devices import pin_memory
 from finetune.distillation import DistillationLoss
-from finetune.distributed import DistributedContext, init_distributed, shutdown
 from finetune.engine import Engine, EngineConfig
 from finetune.optim import adamw, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables.counting import count_macs
+from reports.run_format import ARCH, FINETUNE
 from supernets import build_supernet
-from supernets.io import atomic_write_text
+from supernets.families.vit.subnet import VisionTransformerSubnet
 from supernets.registry import create_source_model
-from supernets.subnet import VisionTransformerSubnet
 
-from .data import build_dataset, build_loader, loader_workers, num_classes_of
+from .data import TrainDataConfig, build_datasets, build_loaders, num_classes_of
 from .export import export_subnet, load_subnet, read_subnet_source, save_subnet
-from .runs import CONFIG, RunConfig, check_run_directory, resolve_compute
+from .runs import (
+    ComputeSettings,
+    DistillationSettings,
+    OptimSettings,
+    Run,
+    RunConfig,
+    RunSettings,
+    TrainingRunSettings,
+    distillation_setting,
+    optim_setting,
+    start_run,
+)
+from .settings import group, inherit
 
 INITS = ("subnet", "dense")
 
 
-@dataclass
-class FinetuneConfig(RunConfig):
+subnet_setting = group("subnet")
+
+
+@dataclass(kw_only=True)
+class SubnetSettings:
+    subnet: str = subnet_setting(help="subnet directory written by `spvit export`")
+    init: str = subnet_setting(
+        "subnet", choices=INITS,
+        help="start from the subnet's weights (the search's) or from the dense source model's (the paper's choice)",
+    )  # fmt: skip
+
+
+# A dataclass lists its last base's fields first: the bases are the groups in reverse order of the --help.
+@dataclass(kw_only=True)
+class FinetuneConfig(
+    RunConfig, TrainingRunSettings, ComputeSettings, OptimSettings, DistillationSettings, TrainDataConfig,
+    SubnetSettings,
+):  # fmt: skip
     """Every setting of a fine-tuning run; stored as the run's `config.json`."""
 
-    subnet: str  # the subnet directory to fine-tune (`spvit export --out`)
-    data: str = "digits"
-    out: str = "runs/finetune"
-    init: str = "subnet"  # subnet: the weights in `subnet` (the search's); dense: the dense source model's
-    # teacher: default the subnet's dense source model; or a timm/supernet name (+ weights), or a subnet dir
-    teacher_model: str | None = None
-    teacher_checkpoint: str | None = None
-    teacher_pretrained: bool = False
-    distillation: str = "soft"
-    distillation_alpha: float = 0.5
-    distillation_tau: float = 1.0
-    # optimisation
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_epochs: int = 1
-    label_smoothing: float = 0.1
-    grad_clip: float | None = 5.0
-    model_ema: bool = False
-    model_ema_decay: float = 0.9998
-    # data and run
-    data_root: str | None = None
-    download: bool = False
-    augment: bool = True
-    num_workers: int | None = None  # default: in-process for digits, min(8, cpus) otherwise
-    seed: int = 0
-    checkpoint_every: int = 0  # optimizer steps; every epoch end writes one too
-    log_every: int = 50  # optimizer steps between metrics lines (and progress updates)
-    progress: bool = True
-    # compute
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = "auto"  # none | bf16 | fp16; auto: bf16 on a CUDA GPU that supports it, else none
-    compile: bool = False  # torch.compile the subnet's training forward
+    kind: ClassVar[str] = FINETUNE
+
+    out: str = inherit(RunSettings, "out", "runs/finetune")
+    distillation: str = inherit(DistillationSettings, "distillation", "soft")
+    teacher_model: str | None = distillation_setting(
+        None, help="a model name (with --teacher-checkpoint) or a subnet directory",
+        default_text="the subnet's dense source model",
+    )  # fmt: skip
+    teacher_checkpoint: str | None = distillation_setting(
+        None, aliases=("--teacher-path",), help="weights of --teacher-model", default_text="none"
+    )
+    teacher_pretrained: bool = distillation_setting(False, help="timm's pretrained teacher (downloads)")
+    epochs: int = inherit(OptimSettings, "epochs", 30)
+    lr: float = inherit(OptimSettings, "lr", 5e-4, help="AdamW learning rate, warmup then cosine")
+    warmup_epochs: int = inherit(OptimSettings, "warmup_epochs", 1)
+    model_ema: bool = optim_setting(False, help="keep an EMA of the weights; evaluate and save it")
+    model_ema_decay: float = optim_setting(0.9998, help="decay of the weights' EMA")
 
 
 class DistillationTask:
@@ -128,49 +137,34 @@ class DistillationTask:
 def run_finetune(config: FinetuneConfig, resume: bool = False) -> dict[str, Any] | None:
     """Fine-tune `config.subnet`; returns the run's summary (also `summary.json`) on the main process, None on
     the other DDP ranks."""
-    out_dir = Path(config.out)
     _check_config(config)
-    config, device = resolve_compute(config)
-    check_run_directory(out_dir, config, resume)
-    context = init_distributed(device)
-    try:
-        return _finetune(config, out_dir, resume, context, device)
-    finally:
-        shutdown(context)
+    with start_run(config, resume) as run:
+        return _finetune(run)
 
 
-def _finetune(
-    config: FinetuneConfig, out_dir: Path, resume: bool, context: DistributedContext, device: torch.device
-) -> dict[str, Any] | None:
-    torch.manual_seed(config.seed)
+def _finetune(run: Run) -> dict[str, Any] | None:
+    config: FinetuneConfig = run.config
     student = load_subnet(config.subnet)
     source = read_subnet_source(config.subnet)
     arch = student.arch
     if config.init == "dense":
         student = _subnet_from_dense(student, source, config.subnet)
-    train_set = build_dataset(config.data, "train", arch.img_size, config.download, config.data_root, config.augment)
-    val_set = build_dataset(config.data, "val", arch.img_size, config.download, config.data_root, augment=False)
+    train_set, val_set = build_datasets(config, arch.img_size, config.augment)
     if num_classes_of(train_set) != arch.num_classes:
         raise ValueError(
             f"the subnet has {arch.num_classes} classes but the dataset '{config.data}' {num_classes_of(train_set)}"
         )
-    student.to(device)
-    teacher = build_teacher(config, student, source).to(device) if config.distillation != "none" else None
-    workers = loader_workers(config.data, config.num_workers)
-    val_loader = build_loader(
-        val_set, config.batch_size, train=False, num_workers=workers, pin_memory=pin_memory(device)
+    student.to(run.device)
+    teacher = build_teacher(config, student, source).to(run.device) if config.distillation != "none" else None
+    train_loader, val_loader = build_loaders(
+        config, train_set, val_set, config.seed, run.context.enabled, pin_memory(run.device)
     )
     teacher_metrics = evaluate_classifier(teacher, val_loader) if teacher is not None else None
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
-        arch.save(out_dir / "arch.json")
+    run.write_config()
+    if run.context.is_main:
+        arch.save(run.out_dir / ARCH)
 
-    torch.manual_seed(config.seed + context.rank)  # dropout and augmentation differ per rank
-    train_loader = build_loader(
-        train_set, config.batch_size, train=True, num_workers=workers, seed=config.seed,
-        distributed=context.enabled, pin_memory=pin_memory(device),
-    )  # fmt: skip
+    run.seed_rank()
     student.train()
     optimizer = adamw(weight_decay_groups(student, config.weight_decay), lr=config.lr)
     steps = config.epochs * len(train_loader)
@@ -178,24 +172,22 @@ def _finetune(
     loss = DistillationLoss(
         config.distillation, config.distillation_alpha, config.distillation_tau, config.label_smoothing
     )
-    task = DistillationTask(teacher, loss, val_loader, out_dir, source)
+    task = DistillationTask(teacher, loss, val_loader, run.out_dir, source)
     engine = Engine(
         student, task, {"weights": optimizer}, {"weights": scheduler}, train_loader,
         EngineConfig(
-            out_dir, config.epochs, config.grad_clip, config.checkpoint_every, log_every=config.log_every,
-            progress=config.progress, device=device, amp=config.amp, compile=config.compile,
+            run.out_dir, config.epochs, config.grad_clip, config.checkpoint_every, log_every=config.log_every,
+            progress=config.progress, device=run.device, amp=config.amp, compile=config.compile,
             ema_decay=config.model_ema_decay if config.model_ema else None, best_metric="acc1",
         ),
-        context,
+        run.context,
     )  # fmt: skip
-    if resume:
+    if run.resume:
         engine.resume(finished_ok=True)  # check_run_directory refused runs whose outputs are all written
     metrics = engine.fit()
-    if not context.is_main:
+    if not run.context.is_main:
         return None
-    summary = _summary(engine, metrics, teacher_metrics, config, source)
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return run.finish(_summary(engine, metrics, teacher_metrics, config, source))
 
 
 def build_teacher(config: FinetuneConfig, student: VisionTransformerSubnet, source: dict[str, Any] | None) -> nn.Module:
@@ -254,7 +246,6 @@ def _summary(
     image = torch.zeros(1, 3, arch.img_size, arch.img_size)
     dense = create_source_model(**_dense_source(source, config.subnet, "")) if source else None
     return {
-        "kind": "finetune",
         "model": arch.model,
         "macs": count_macs(model.eval(), image),
         "params": sum(p.numel() for p in model.parameters()),

@@ -8,7 +8,7 @@ over-budget candidate is pruned at once and costs nothing.
 The study lives in a storage (a JournalStorage file by default, `OUT/study.journal`, or an SQLite URL)
 that several processes, or machines sharing it, can work on at once; `--trials` is the study's total of
 finished (complete or pruned) trials, so a killed study continues where it stopped: rerun the command.
-A run directory holds `config.json`, `lut.csv`, `supernet.safetensors` (so `spvit export --run` works),
+A run directory (kind `optuna`) holds `config.json`, `lut.csv`, `supernet.safetensors` (so `spvit export --run` works),
 `trials.csv`, `pareto.json`, the best `arch.json` and `summary.json`.
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import pandas as pd
@@ -33,19 +33,20 @@ from finetune.checkpoint import save_checkpoint
 from finetune.classification import evaluate_classifier
 from finetune.devices import pin_memory, to_device
 from lookup_tables import LookupTable
+from reports.run_format import ARCH, JOURNAL, LUT, OPTUNA, PARETO, SUPERNET, TRIALS
 from supernets import MIXERS, Architecture, Supernet, build_supernet
 from supernets.io import atomic_write_text
 
 from .complexity import check_budget, parse_budget
-from .data import build_dataset, build_loader, loader_workers, num_classes_of
+from .data import DataConfig, build_datasets, build_loaders, num_classes_of
 from .discrete_spaces import DEFAULT_MLP_RATIOS, DiscreteSpace, discrete_space
 from .export import load_search_supernet
-from .runs import CONFIG, NOT_SETTINGS, RunConfig, resolve_compute
-from .search import SUPERNET, check_num_classes, img_size_of, lookup_table
+from .runs import DeviceSettings, ModelSettings, Run, RunConfig, RunSettings, WeightsSettings, start_run
+from .search import BudgetSettings, check_num_classes, img_size_of, lookup_table
+from .settings import group, inherit
 
 OBJECTIVES = ("accuracy", "pareto")
 SAMPLERS = ("tpe", "random", "nsga2")
-JOURNAL = "study.journal"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 COMPILE_NOTE = (
     "--compile leaves the Optuna strategy eager: every trial fixes another architecture, a new graph that "
@@ -53,38 +54,36 @@ COMPILE_NOTE = (
 )
 
 
-@dataclass
-class OptunaConfig(RunConfig):
-    """Every setting of an Optuna study run; stored as the run's `config.json`."""
+study_setting = group("optuna strategy (--strategy optuna)")
 
-    model: str
-    data: str = "digits"
-    out: str = "runs/optuna"
-    target: str = "0.6x"
-    checkpoint: str | None = None  # timm-format weights of the dense model
-    pretrained: bool = False
-    supernet: str | None = None  # a gradient search's supernet.safetensors: its weights, and its gates rank units
-    img_size: int | None = None
-    num_classes: int | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    convention: str = "fvcore"
-    lut: str | None = None
-    trials: int = 30  # finished trials of the whole study, all processes together
-    objective: str = "accuracy"  # accuracy: best top-1 under the budget; pareto: top-1 vs MACs
-    sampler: str = "tpe"
-    storage: str | None = None  # a journal file or an sqlite:/// URL; default OUT/study.journal
-    study_name: str = "spvit"
-    mixers: list[str] = field(default_factory=lambda: list(MIXERS))
-    mlp_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_MLP_RATIOS))
-    bn_recalibration: int = 0  # train batches that re-estimate BN statistics before each evaluation
-    eval_batches: int = 0  # validation batches per evaluation; 0: the whole split
-    batch_size: int = 128
-    data_root: str | None = None
-    download: bool = False
-    num_workers: int | None = None  # default: in-process for digits, min(8, cpus) otherwise
-    seed: int = 0
-    progress: bool = True
-    device: str = "auto"  # where candidates are scored: auto | cpu | cuda | cuda:N | mps
+
+@dataclass(kw_only=True)
+class OptunaConfig(RunConfig, RunSettings, DeviceSettings, BudgetSettings, DataConfig, WeightsSettings, ModelSettings):
+    """Every setting of an Optuna study run; stored as the run's `config.json` (bases: the groups in reverse, as
+    `SearchConfig`'s)."""
+
+    kind: ClassVar[str] = OPTUNA
+    joinable: ClassVar[bool] = True  # a study continues, or gains workers, by running the same command again
+
+    out: str = inherit(RunSettings, "out", "runs/optuna")
+    trials: int = study_setting(30, help="finished trials of the whole study, all processes together")
+    objective: str = study_setting(
+        "accuracy", choices=OBJECTIVES,
+        help="accuracy: best top-1 under the budget; pareto: top-1 vs MACs (multi-objective)",
+    )  # fmt: skip
+    sampler: str = study_setting("tpe", choices=SAMPLERS, help="how Optuna draws the next candidate")
+    storage: str | None = study_setting(None, help="journal file or sqlite:/// URL", default_text=f"OUT/{JOURNAL}")
+    study_name: str = study_setting("spvit", help="the study's name in --storage")
+    supernet: str | None = study_setting(
+        None, help="a gradient search's supernet.safetensors to score with (its gates rank the MLP units)",
+        default_text="the dense model's weights",
+    )  # fmt: skip
+    mixers: list[str] = study_setting(factory=lambda: list(MIXERS), choices=MIXERS, help="mixers a block may take")
+    mlp_ratios: list[float] = study_setting(
+        factory=lambda: list(DEFAULT_MLP_RATIOS), help="shares of MLP units a block keeps"
+    )
+    bn_recalibration: int = study_setting(0, help="train batches that re-estimate BN statistics before each evaluation")
+    eval_batches: int = study_setting(0, help="val batches per evaluation (0: all)")
 
 
 class SharedWeightEvaluator:
@@ -135,27 +134,28 @@ class SharedWeightEvaluator:
 def run_optuna(config: OptunaConfig) -> dict[str, Any]:
     """Run (or continue, or join) the study until it has `config.trials` finished trials; returns the summary."""
     _check_config(config)
-    config, device = resolve_compute(config)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the run's own files and summary say what happened
-    out = Path(config.out)
+    # Each process is a worker of its own: under torchrun every rank joins the study, no process group needed.
+    with start_run(config, distributed=False) as run:
+        return _study_run(run)
+
+
+def _study_run(run: Run) -> dict[str, Any]:
+    config: OptunaConfig = run.config
     img_size = img_size_of(config.model, config.img_size)
-    train_set = build_dataset(config.data, "train", img_size, config.download, config.data_root, augment=False)
-    val_set = build_dataset(config.data, "val", img_size, config.download, config.data_root, augment=False)
+    train_set, val_set = build_datasets(config, img_size)
     net = _supernet(config, num_classes_of(train_set))
     lut = lookup_table(net, config.convention, config.lut)
     target = parse_budget(config.target, lut.dense_flops())
     check_budget(target, lut.range(), config.target)
-    _prepare_run_directory(out, config, net, lut)
+    if not run.joined:
+        run.write_config()
+        lut.save(run.out_dir / LUT)
+        save_checkpoint(run.out_dir / SUPERNET, net.state_dict(), {"config": net.config()})
     space = discrete_space(net, config.mixers, config.mlp_ratios)
-    workers = loader_workers(config.data, config.num_workers)
-    loader = {"batch_size": config.batch_size, "num_workers": workers, "pin_memory": pin_memory(device)}
-    evaluator = SharedWeightEvaluator(
-        net.to(device),
-        build_loader(val_set, train=False, **loader),
-        build_loader(train_set, train=True, seed=config.seed, **loader),
-        config,
-    )
-    study, storage = _study(config, out)
+    train_loader, val_loader = build_loaders(config, train_set, val_set, config.seed, pin_memory=pin_memory(run.device))
+    evaluator = SharedWeightEvaluator(net.to(run.device), val_loader, train_loader, config)
+    study, storage = _study(config, run.out_dir)
     _fail_orphaned_trials(study, storage)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished < config.trials:
@@ -164,7 +164,7 @@ def run_optuna(config: OptunaConfig) -> dict[str, Any]:
             callbacks=[MaxTrialsCallback(config.trials, states=FINISHED)],
             show_progress_bar=False,
         )
-    return write_outputs(study, space, lut, target, net, out)
+    return run.finish(write_outputs(study, space, lut, target, net, run.out_dir))
 
 
 def _objective(
@@ -263,20 +263,19 @@ def write_outputs(
     net: Supernet,
     out: Path,
 ) -> dict[str, Any]:
-    """`trials.csv`, `pareto.json`, the best `arch.json` and `summary.json` of the study as it stands."""
+    """`trials.csv`, `pareto.json` and the best `arch.json` of the study as it stands; its summary."""
     trials = study.get_trials(deepcopy=False)
     frame = trials_frame(trials, target)
-    atomic_write_text(out / "trials.csv", frame.to_csv(index=False))
+    atomic_write_text(out / TRIALS, frame.to_csv(index=False))
     feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["macs"] <= target]
     if not feasible:
         raise ValueError(f"no trial of study '{study.study_name}' met the budget; run more trials")
     front = pareto_front(feasible)
-    atomic_write_text(out / "pareto.json", json.dumps(front, indent=2) + "\n")
+    atomic_write_text(out / PARETO, json.dumps(front, indent=2) + "\n")
     best = max(feasible, key=lambda t: (t.values[0], -t.user_attrs["macs"], -t.number))
     arch = space.architecture(best.params)
-    arch.save(out / "arch.json")
-    summary = {
-        "kind": "optuna",
+    arch.save(out / ARCH)
+    return {
         "model": net.name,
         "target_macs": target,
         "macs": lut.flops(arch),
@@ -289,8 +288,6 @@ def write_outputs(
         "mixers": {m: arch.mixers.count(m) for m in MIXERS},
         "mlp_kept": sum(len(b.mlp_kept) for b in arch.blocks) / sum(net.mlp_hidden),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def trials_frame(trials: list[optuna.trial.FrozenTrial], target: int) -> pd.DataFrame:
@@ -357,19 +354,3 @@ def _check_config(config: OptunaConfig) -> None:
         raise ValueError(f"--sampler '{config.sampler}' is not one of {', '.join(SAMPLERS)}")
     if config.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {config.trials}")
-
-
-def _prepare_run_directory(out: Path, config: OptunaConfig, net: Supernet, lut: LookupTable) -> None:
-    """Write the run's config, lookup table and supernet; a directory of the same study is joined, one with
-    other settings refused."""
-    saved = out / CONFIG
-    if saved.exists():
-        previous = OptunaConfig.from_dict(json.loads(saved.read_text()))
-        changed = [k for k, v in asdict(config).items() if k not in NOT_SETTINGS and asdict(previous)[k] != v]
-        if changed:
-            raise ValueError(f"{out} holds a study with other settings: {', '.join(changed)} differ")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, json.dumps(asdict(config), indent=2) + "\n")
-    lut.save(out / "lut.csv")
-    save_checkpoint(out / SUPERNET, net.state_dict(), {"config": net.config()})

@@ -1,17 +1,16 @@
 """The search: train the supernet's gates (and weights) so its architecture lands on a FLOPs budget.
 
-A run directory holds `config.json`, `lut.csv`, `metrics.jsonl`, `arch_epoch{N}.json` after every epoch,
-`checkpoint.safetensors` (resume state), and at the end `arch.json`, `supernet.safetensors` and
+A run directory (kind `search`) holds `config.json`, `lut.csv`, `metrics.jsonl`, `arch_epoch{N}.json` after every
+epoch, `checkpoint.safetensors` (resume state), and at the end `arch.json`, `supernet.safetensors` and
 `summary.json`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,79 +20,83 @@ from finetune.checkpoint import save_checkpoint
 from finetune.classification import evaluate_classifier, top1_accuracy
 from finetune.devices import pin_memory
 from finetune.distillation import DistillationLoss
-from finetune.distributed import DistributedContext, init_distributed, shutdown
+from finetune.distributed import DistributedContext
 from finetune.engine import Engine, EngineConfig
 from finetune.optim import GATE_OPTIMIZERS, adamw, gate_optimizer, weight_decay_groups
 from finetune.schedule import warmup_cosine
-from lookup_tables import LookupTable, build_lookup_table, differentiable_flops
+from lookup_tables import CONVENTIONS, LookupTable, build_lookup_table, differentiable_flops
+from reports.run_format import ARCH, LUT, SEARCH, SUPERNET, epoch_arch
 from supernets import MIXERS, GateConfig, Supernet, build_supernet
-from supernets.gates import GATE_INITS
-from supernets.io import atomic_write_text
-from supernets.unified_attention import mixer_index
+from supernets.layers.gates import GATE_INITS
+from supernets.layers.unified_attention import mixer_index
 
 from .complexity import ComplexityLoss, check_budget, parse_budget
-from .data import build_dataset, build_loader, loader_workers, num_classes_of
+from .data import TrainDataConfig, build_datasets, build_loaders, num_classes_of
 from .discrete_spaces import unit_magnitude
 from .projection import project_to_budget
-from .runs import CONFIG, RunConfig, check_run_directory, resolve_compute
+from .runs import (
+    ComputeSettings,
+    DistillationSettings,
+    ModelSettings,
+    OptimSettings,
+    Run,
+    RunConfig,
+    RunSettings,
+    TrainingRunSettings,
+    WeightsSettings,
+    optim_setting,
+    start_run,
+)
+from .settings import group, inherit
 
-SUPERNET = "supernet.safetensors"
+budget_setting = group("budget and complexity loss")
 
 
-@dataclass
-class SearchConfig(RunConfig):
+@dataclass(kw_only=True)
+class BudgetSettings:
+    """The budget and its cost model, of the gradient search and the Optuna study alike."""
+
+    target: str = budget_setting("0.6x", required=True, help="MACs budget: 3.2G, 3200M, or 0.6x of dense")
+    convention: str = budget_setting("fvcore", choices=CONVENTIONS, help="how MACs count")
+    lut: str | None = budget_setting(
+        None, help="lookup table CSV from `spvit lut`", default_text="built here, on the CPU"
+    )
+
+
+# A dataclass lists its last base's fields first: the bases are the groups in reverse order of the --help.
+@dataclass(kw_only=True)
+class SearchConfig(
+    RunConfig, TrainingRunSettings, ComputeSettings, DistillationSettings, OptimSettings, BudgetSettings,
+    TrainDataConfig, WeightsSettings, ModelSettings,
+):  # fmt: skip
     """Every setting of a search run; stored as the run's `config.json`."""
 
-    model: str
-    data: str = "digits"
-    out: str = "runs/search"
-    target: str = "0.6x"  # MACs: 3.2G, 3200M, or 0.7x of dense
-    checkpoint: str | None = None  # timm-format weights of the source model
-    pretrained: bool = False
-    img_size: int | None = None
-    num_classes: int | None = None  # default: the dataset's class count
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    # cost model and complexity loss
-    convention: str = "fvcore"
-    lut: str | None = None  # a table saved by `spvit lut`; built when absent
-    complexity_loss: str = "auto"
-    lam: float = 1.0  # λ, the starting value for `auto`
-    lambda_lr: float = 0.02
-    estimator: str = "threshold"
-    tolerance: float = 0.01  # relative distance to the target that counts as on target
-    patience: int = 3  # stop after this many consecutive on-target evaluations
-    project: bool = True  # finally flip the least confident gates to meet the budget exactly
-    # optimisation
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 2e-4
-    gate_lr: float = 0.02
-    gate_optimizer: str = "adam"  # adam | shared_adam (one second moment for all gates)
-    weight_decay: float = 0.05
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.1
-    grad_clip: float | None = 5.0
-    gate_init: float = 1.5
-    gate_init_from: str = "constant"  # constant: every logit gate_init; magnitude: MLP logits ranked by magnitude
-    gate_temperature: float = 1.0
-    head_mix_temperature: float = 0.01
-    distillation: str = "none"  # soft | hard | none: KD from the dense source model during the search
-    distillation_alpha: float = 0.5
-    distillation_tau: float = 1.0
-    sync_gates: bool = False  # DDP: the same gate draws on every rank instead of one per rank
-    # data and run
-    data_root: str | None = None
-    download: bool = False
-    augment: bool = True
-    num_workers: int | None = None  # default: in-process for digits, min(8, cpus) otherwise
-    seed: int = 0
-    checkpoint_every: int = 0  # optimizer steps; every epoch end writes one too
-    log_every: int = 50  # optimizer steps between metrics lines (and progress updates)
-    progress: bool = True
-    # compute
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = "auto"  # none | bf16 | fp16; auto: bf16 on a CUDA GPU that supports it, else none
-    compile: bool = False  # torch.compile the supernet's training forward (graph breaks at the gate draws)
+    kind: ClassVar[str] = SEARCH
+
+    out: str = inherit(RunSettings, "out", "runs/search")
+    complexity_loss: str = budget_setting(
+        "auto", choices=("auto", "normalized", "paper"),
+        help="auto: normalized loss with λ by dual ascent; paper: λ·(T-F)² in GMACs",
+    )  # fmt: skip
+    lam: float = budget_setting(1.0, help="λ (the starting value for auto)")
+    lambda_lr: float = budget_setting(0.02, help="auto: log-λ step per optimizer step")
+    estimator: str = budget_setting("threshold", choices=("threshold", "expected"), help="MACs of the gates")
+    tolerance: float = budget_setting(0.01, help="relative distance to the target that is on target")
+    patience: int = budget_setting(3, help="stop after this many on-target epochs in a row")
+    project: bool = budget_setting(True, help="finally flip the least confident gates to meet the budget exactly")
+    gate_lr: float = optim_setting(0.02, help="gate logits learning rate (AdamW, no decay)")
+    gate_optimizer: str = optim_setting(
+        "adam", choices=GATE_OPTIMIZERS,
+        help="adam: one second moment per gate; shared_adam: one for all gates (steps follow the mean gradients)",
+    )  # fmt: skip
+    gate_init: float = optim_setting(1.5, help="initial gate logit")
+    gate_init_from: str = optim_setting(
+        "constant", choices=GATE_INITS,
+        help="constant: every logit --gate-init; magnitude: MLP logits spread by magnitude rank, mean --gate-init",
+    )  # fmt: skip
+    gate_temperature: float = optim_setting(1.0, help="binary-concrete temperature")
+    head_mix_temperature: float = optim_setting(0.01, help="softmax temperature of z")
+    sync_gates: bool = optim_setting(False, help="DDP: the same gate draws on every rank instead of one per rank")
 
 
 class SearchTask:
@@ -163,7 +166,7 @@ class SearchTask:
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
         if self.context.is_main:
-            self.net.architecture().save(self.out_dir / f"arch_epoch{epoch + 1}.json")
+            self.net.architecture().save(self.out_dir / epoch_arch(epoch + 1))
         on_target = abs(self.complexity.relative_error(metrics["macs"])) <= self.config.tolerance
         self.on_target_streak = self.on_target_streak + 1 if on_target else 0
         return self.on_target_streak >= self.config.patience
@@ -227,24 +230,15 @@ def gate_statistics(net: Supernet) -> dict[str, torch.Tensor]:
 def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | None:
     """Search under `config.target`; returns the run's summary (also written as `summary.json`) on the main
     process, None on the other DDP ranks."""
-    out_dir = Path(config.out)
     _check_config(config)
-    config, device = resolve_compute(config)
-    check_run_directory(out_dir, config, resume)
-    context = init_distributed(device)
-    try:
-        return _search(config, out_dir, resume, context, device)
-    finally:
-        shutdown(context)
+    with start_run(config, resume) as run:
+        return _search(run)
 
 
-def _search(
-    config: SearchConfig, out_dir: Path, resume: bool, context: DistributedContext, device: torch.device
-) -> dict[str, Any] | None:
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
+def _search(run: Run) -> dict[str, Any] | None:
+    config: SearchConfig = run.config
     img_size = img_size_of(config.model, config.img_size)
-    train_set = build_dataset(config.data, "train", img_size, config.download, config.data_root, config.augment)
-    val_set = build_dataset(config.data, "val", img_size, config.download, config.data_root, augment=False)
+    train_set, val_set = build_datasets(config, img_size, config.augment)
     num_classes = check_num_classes(config.num_classes, num_classes_of(train_set))
     net = build_supernet(
         config.model,
@@ -260,23 +254,17 @@ def _search(
     lut = lookup_table(net, config.convention, config.lut)  # counted on the CPU, before the move
     target = parse_budget(config.target, lut.dense_flops())
     check_budget(target, lut.range(full_size=True), config.target)  # the gates choose at full depth and width
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / CONFIG, json.dumps(asdict(config), indent=2) + "\n")
-        lut.save(out_dir / "lut.csv")
+    run.write_config()
+    if run.context.is_main:
+        lut.save(run.out_dir / LUT)
 
-    net.to(device)
-    torch.manual_seed(config.seed + context.rank)  # dropout and augmentation differ per rank
-    gate_seed = config.seed + (0 if config.sync_gates else context.rank)
-    gate_generator = torch.Generator(device=device).manual_seed(gate_seed)
+    net.to(run.device)
+    run.seed_rank()
+    gate_seed = config.seed + (0 if config.sync_gates else run.context.rank)
+    gate_generator = torch.Generator(device=run.device).manual_seed(gate_seed)
     net.set_gate_generator(gate_generator)
-    workers = loader_workers(config.data, config.num_workers)
-    train_loader = build_loader(
-        train_set, config.batch_size, train=True, num_workers=workers, seed=config.seed,
-        distributed=context.enabled, pin_memory=pin_memory(device),
-    )  # fmt: skip
-    val_loader = build_loader(
-        val_set, config.batch_size, train=False, num_workers=workers, pin_memory=pin_memory(device)
+    train_loader, val_loader = build_loaders(
+        config, train_set, val_set, config.seed, run.context.enabled, pin_memory(run.device)
     )
 
     gates = net.gate_parameters()
@@ -287,32 +275,26 @@ def _search(
     steps = config.epochs * len(train_loader)
     schedulers = {"weights": warmup_cosine(optimizers["weights"], steps, config.warmup_epochs * len(train_loader))}
     complexity = ComplexityLoss(target, config.complexity_loss, config.lam, config.lambda_lr, config.tolerance)
-    task = SearchTask(net, lut, complexity, val_loader, config, out_dir, context, gate_generator)
+    task = SearchTask(net, lut, complexity, val_loader, config, run.out_dir, run.context, gate_generator)
     engine = Engine(
         net, task, optimizers, schedulers, train_loader,
         EngineConfig(
-            out_dir, config.epochs, config.grad_clip, config.checkpoint_every, log_every=config.log_every,
-            progress=config.progress, device=device, amp=config.amp, compile=config.compile,
+            run.out_dir, config.epochs, config.grad_clip, config.checkpoint_every, log_every=config.log_every,
+            progress=config.progress, device=run.device, amp=config.amp, compile=config.compile,
             find_unused_parameters=True,  # the candidates a step did not sample get no gradient
         ),
-        context,
+        run.context,
     )  # fmt: skip
-    if resume:
+    if run.resume:
         engine.resume(finished_ok=True)  # check_run_directory refused runs whose outputs are all written
     engine.fit()
-    return _finish(net, lut, target, val_loader, config, out_dir, engine, context)
+    return _finish(net, lut, target, val_loader, run, engine)
 
 
 def _finish(
-    net: Supernet,
-    lut: LookupTable,
-    target: int,
-    val_loader: DataLoader,
-    config: SearchConfig,
-    out_dir: Path,
-    engine: Engine,
-    context: DistributedContext,
+    net: Supernet, lut: LookupTable, target: int, val_loader: DataLoader, run: Run, engine: Engine
 ) -> dict[str, Any] | None:
+    config: SearchConfig = run.config
     searched = net.architecture()
     arch = project_to_budget(net, lut, target) if config.project else searched
     net.eval()
@@ -336,12 +318,10 @@ def _finish(
         "mlp_kept": sum(len(b.mlp_kept) for b in arch.blocks) / sum(net.mlp_hidden),
         "lambda": float(engine.task.complexity.lam),
     }
-    if not context.is_main:
-        return None
-    arch.save(out_dir / "arch.json")
-    save_checkpoint(out_dir / SUPERNET, net.state_dict(), {"config": net.config()})
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    if run.context.is_main:
+        arch.save(run.out_dir / ARCH)
+        save_checkpoint(run.out_dir / SUPERNET, net.state_dict(), {"config": net.config()})
+    return run.finish(summary)
 
 
 def _check_config(config: SearchConfig) -> None:

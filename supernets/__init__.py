@@ -1,20 +1,24 @@
-"""The search space: `Architecture`, gated layers and the supernet families."""
+"""The search space: `Architecture`, the shared gated and plain layers, and one folder per model family."""
 
+from . import families  # noqa: F401  (importing it registers every family, and our own timm entry points)
 from .architecture import MIXERS, Architecture, BlockChoice
-from .cait import CaitSupernet
-from .cait_subnet import CaitSubnet
-from .gates import BinaryGates, GateConfig
+from .base import Subnet, Supernet
+from .families.cait.subnet import CaitSubnet
+from .families.cait.supernet import CaitSupernet
+from .families.sret.sret import SReT
+from .families.sret.subnet import SReTSubnet
+from .families.sret.supernet import SReTSupernet
+from .families.t2t_vit.subnet import T2TViTSubnet
+from .families.t2t_vit.supernet import T2TViTSupernet
+from .families.t2t_vit.t2t_vit import T2TViT
+from .families.vit.subnet import VisionTransformerSubnet
+from .families.vit.supernet import VisionTransformerSupernet
+from .family import Family, family_of, register_family, registered_families
+from .layers.gates import BinaryGates, GateConfig
+from .layers.super_block import SuperBlock
+from .layers.unified_attention import UnifiedAttention
+from .layers.unified_mlp import UnifiedMlp
 from .registry import build_supernet, check_model_name, list_supernets
-from .sret import SReT  # importing registers sret_t, sret_lt and sret_s with timm
-from .sret_subnet import SReTSubnet
-from .sret_supernet import SReTSupernet
-from .subnet import Subnet, VisionTransformerSubnet
-from .t2t_subnet import T2TViTSubnet
-from .t2t_supernet import T2TViTSupernet
-from .t2t_vit import T2TViT  # importing registers t2t_vit_{7,10,12,14,19,24} and t2t_vit_t_{14,19,24} with timm
-from .unified_attention import UnifiedAttention
-from .unified_mlp import UnifiedMlp
-from .vit import SuperBlock, Supernet, VisionTransformerSupernet
 
 __all__ = [
     "MIXERS",
@@ -27,6 +31,7 @@ __all__ = [
     "BlockChoice",
     "CaitSubnet",
     "CaitSupernet",
+    "Family",
     "GateConfig",
     "Subnet",
     "SuperBlock",
@@ -39,5 +44,8 @@ __all__ = [
     "VisionTransformerSupernet",
     "build_supernet",
     "check_model_name",
+    "family_of",
     "list_supernets",
+    "registered_families",
+    "register_family",
 ]

@@ -7,21 +7,20 @@ reports draw it. Its JSON form:
      "blocks": [{"mixer": "bconv1", "mlp_kept": [0, 3, 4, 7]}, {"mixer": "msa", "mlp_kept": [0, 1, 2]}]}
 
 Family fields: a family whose search also chooses dimensions outside the blocks adds optional top-level
-fields (`FAMILY_FIELDS`), present in its architectures and absent from every other's JSON. T2T-ViT adds
-`embed_dim` (the width used) and `num_heads` (the heads of every block): a subnet uses the first
-`embed_dim` channels and the first `num_heads` heads of the supernet. Depth needs no field: it is the
-number of `blocks`, which are the first blocks of the supernet. SReT adds `groups`, the group count of its
-sliced attention per stage and pass (`[[8, 2], [4, 1], [1, 1]]`); its `blocks` are its distinct blocks,
-each shared by the passes of its stage. Which depths and family values a supernet offers is its `choices`
-(see `Architecture.validate_for`).
+fields, declared in its folder (`Family.architecture_fields`) and registered here with the check that parses
+them; they live in `extras`, are present in its architectures and absent from every other's JSON, and read as
+attributes (`arch.embed_dim`, None where absent). Depth needs no field: it is the number of `blocks`, which are
+the first blocks of the supernet. Which depths and family values a supernet offers is its `choices` (see
+`Architecture.validate_for`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +34,24 @@ _TOP_LEVEL_FIELDS = ("model", "img_size", "num_classes", "blocks")
 _BLOCK_FIELDS = ("mixer", "mlp_kept")
 
 
-def _positive_int(field: str, value: Any) -> int:
+def positive_int(field: str, value: Any) -> int:
+    """The check of a family field that holds one positive int."""
     check_type(field, value, int)
     if value <= 0:
         raise ValueError(f"{field}: must be positive, got {value}")
     return value
 
 
-def _group_counts(field: str, value: Any) -> tuple[tuple[int, ...], ...]:
-    """SReT's group splits: per stage, one positive group count per pass (lists in JSON, tuples once parsed)."""
-    if not isinstance(value, list | tuple) or not value:
-        raise ValueError(f"{field}: expected a non-empty list with the group counts of each stage, got {value!r:.40}")
-    stages = []
-    for s, counts in enumerate(value):
-        if not isinstance(counts, list | tuple) or not counts:
-            raise ValueError(f"{field}[{s}]: expected a non-empty list with a group count per pass, got {counts!r:.30}")
-        stages.append(tuple(_positive_int(f"{field}[{s}][{p}]", g) for p, g in enumerate(counts)))
-    return tuple(stages)
+# The registered family fields, each with the check that turns its JSON value into the field's value (or raises a
+# `ValueError` naming the field), in registration order (the order of the JSON form).
+_FAMILY_FIELDS: dict[str, Callable[[str, Any], Any]] = {}
 
 
-# The optional family fields, each with the check that turns its JSON value into the field's value (or raises
-# a `ValueError` naming the field). A family adds its own here and as a dataclass field defaulting to None.
-FAMILY_FIELDS: dict[str, Callable[[str, Any], Any]] = {
-    "embed_dim": _positive_int,
-    "num_heads": _positive_int,
-    "groups": _group_counts,
-}
+def register_architecture_field(name: str, check: Callable[[str, Any], Any]) -> None:
+    """Declare a family's extra top-level field (`supernets.family.register_family` calls this)."""
+    if name in _TOP_LEVEL_FIELDS or _FAMILY_FIELDS.get(name, check) is not check:
+        raise ValueError(f"architecture field {name!r} is declared twice")
+    _FAMILY_FIELDS[name] = check
 
 
 @dataclass(frozen=True)
@@ -80,15 +71,17 @@ class Architecture:
     img_size: int
     num_classes: int
     blocks: tuple[BlockChoice, ...]
-    embed_dim: int | None = None  # T2T-ViT: the width used, num_heads × the supernet's head width
-    num_heads: int | None = None  # T2T-ViT: the attention heads of every block
-    groups: tuple[tuple[int, ...], ...] | None = None  # SReT: the sliced attention's group count per stage and pass
+    # The family fields this architecture sets (see the module docstring); not hashed, as a dict.
+    extras: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
-        for name, check in FAMILY_FIELDS.items():
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, check(name, getattr(self, name)))
+        check_type("extras", self.extras, dict)
+        for name in self.extras:
+            if name not in _FAMILY_FIELDS:
+                raise ValueError(f"{name}: unknown field; no registered family declares it")
+        extras = {n: check(n, self.extras[n]) for n, check in _FAMILY_FIELDS.items() if self.extras.get(n) is not None}
+        object.__setattr__(self, "extras", extras)
         check_type("model", self.model, str)
         if not self.model:
             raise ValueError("model: must be a non-empty model name")
@@ -101,6 +94,16 @@ class Architecture:
         for i, block in enumerate(self.blocks):
             check_type(f"blocks[{i}]", block, BlockChoice)
             _validate_block(i, block)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names that are not attributes: a registered family field reads as its value, or None.
+        if name in _FAMILY_FIELDS:
+            return self.__dict__.get("extras", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def with_extras(self, **values: Any) -> Architecture:
+        """A copy with these family fields set (None removes one)."""
+        return dataclasses.replace(self, extras=self.extras | values)
 
     @property
     def depth(self) -> int:
@@ -123,7 +126,7 @@ class Architecture:
 
         `mlp_hidden` holds the hidden size of each of the supernet's blocks. `choices` holds the values of
         the discrete dimensions it offers: `depth` (default: exactly its number of blocks) and each family
-        field it has; the family fields it does not list must be absent. A nested field (SReT's `groups`) is
+        field it has; the family fields it does not list must be absent. A nested field (a list per entry) is
         offered in its own shape, with the list of values offered at each entry.
         """
         choices = choices or {}
@@ -135,7 +138,7 @@ class Architecture:
             raise ValueError(
                 f"num_classes: architecture is for {self.num_classes} classes, the supernet has {num_classes}"
             )
-        for name in FAMILY_FIELDS:
+        for name in _FAMILY_FIELDS:
             value, offered = getattr(self, name), choices.get(name)
             if offered is None and value is not None:
                 raise ValueError(f"{name}: '{model}' has no {name} choice, but the architecture sets {_json(value)}")
@@ -157,7 +160,7 @@ class Architecture:
             "model": self.model,
             "img_size": self.img_size,
             "num_classes": self.num_classes,
-            **{name: _json(getattr(self, name)) for name in FAMILY_FIELDS if getattr(self, name) is not None},
+            **{name: _json(value) for name, value in self.extras.items()},
             "blocks": [{"mixer": b.mixer, "mlp_kept": list(b.mlp_kept)} for b in self.blocks],
         }
 
@@ -166,7 +169,7 @@ class Architecture:
         """Build from parsed JSON, checking the schema field by field."""
         if not isinstance(data, dict):
             raise ValueError(f"architecture must be a JSON object, got {type(data).__name__}")
-        check_fields("", data, _TOP_LEVEL_FIELDS, optional=tuple(FAMILY_FIELDS))
+        check_fields("", data, _TOP_LEVEL_FIELDS, optional=tuple(_FAMILY_FIELDS))
         blocks_data = data["blocks"]
         check_type("blocks", blocks_data, list)
         blocks = []
@@ -178,8 +181,8 @@ class Architecture:
             for j, index in enumerate(b["mlp_kept"]):
                 check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
             blocks.append(BlockChoice(b["mixer"], tuple(b["mlp_kept"])))
-        family = {name: check(name, data[name]) for name, check in FAMILY_FIELDS.items() if name in data}
-        return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks), **family)
+        extras = {name: data[name] for name in _FAMILY_FIELDS if name in data}
+        return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks), extras)
 
     def to_json(self) -> str:
         # One block per line: diffs of two architectures stay readable.
@@ -212,7 +215,7 @@ class Architecture:
 
 
 def _json(value: Any) -> Any:
-    """A field's value as JSON data: tuples (SReT's groups) become lists."""
+    """A field's value as JSON data: tuples (of a nested family field) become lists."""
     return [_json(v) for v in value] if isinstance(value, tuple) else value
 
 

@@ -6,52 +6,39 @@ import difflib
 import functools
 import os
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
-from timm.models.cait import Cait
-from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from .cait import CaitSupernet, cait_checkpoint_filter, unsupported_cait_features
-from .gates import GateConfig
+from .family import family_of_model, registered_families
 from .io import load_state_dict_file
-from .sret import SReT, sret_checkpoint_filter, sret_variants
-from .sret_supernet import SReTSupernet
-from .t2t_supernet import T2TViTSupernet
-from .t2t_vit import T2TViT
-from .vit import Supernet, VisionTransformerSupernet, unsupported_features
+from .layers.gates import GateConfig
 
-# timm modules whose models may be plain VisionTransformers, CaiTs or our T2T-ViTs and SReTs; each name is then
-# checked by building it.
-_VIT_MODULES = ("vision_transformer", "deit", "cait", "t2t_vit", "sret")
+if TYPE_CHECKING:
+    from .base import Supernet
 
 
 def _unsupported(model: nn.Module) -> list[str]:
-    """Why `model` cannot become a supernet: a CaiT is checked as one, any other model as a ViT; every T2T-ViT and
-    SReT can."""
-    if isinstance(model, T2TViT | SReT):
-        return []
-    return unsupported_cait_features(model) if isinstance(model, Cait) else unsupported_features(model)
+    """Why `model` cannot become a supernet, as its family says (the ViT family's for a model of no family)."""
+    return family_of_model(model).unsupported(model)
 
 
 @functools.cache
 def list_supernets() -> list[str]:
     """Every model name `build_supernet` accepts."""
-    names = []
-    for name in sorted({n for m in _VIT_MODULES for n in timm.list_models(module=m)}):
-        # One block on the meta device shows the structure without allocating weights. SReT's depth is per stage;
-        # a whole SReT is small.
-        structure = {} if name in sret_variants() else {"depth": 1}
-        try:
-            with torch.device("meta"):
-                model = timm.create_model(name, **structure)
-        except Exception:  # an entry point that cannot build this way is not a plain ViT
-            continue
-        if not _unsupported(model):
-            names.append(name)
-    return names
+    names = set()
+    for family in registered_families():
+        for name in family.model_names():
+            try:
+                with torch.device("meta"):  # the structure, without allocating weights
+                    model = timm.create_model(name, **family.structure_kwargs(name))
+            except Exception:  # an entry point that cannot build this way is not one of the family's models
+                continue
+            if family.accepts(model) and not family.unsupported(model):
+                names.add(name)
+    return sorted(names)
 
 
 def check_model_name(name: str) -> None:
@@ -83,9 +70,8 @@ def build_supernet(
     """
     check_model_name(name)
     source = create_source_model(name, pretrained, checkpoint_path, img_size, num_classes, **kwargs)
-    families = {Cait: CaitSupernet, T2TViT: T2TViTSupernet, SReT: SReTSupernet}
-    family = families.get(type(source), VisionTransformerSupernet)
-    return family(source, name, model_kwargs=kwargs, gates=gates or GateConfig())
+    supernet_class = family_of_model(source).supernet_class
+    return supernet_class(source, name, model_kwargs=kwargs, gates=gates or GateConfig())
 
 
 def create_source_model(
@@ -135,8 +121,7 @@ def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: 
     With `reset_head`, a classifier trained for another number of classes is dropped (the model keeps
     its freshly initialised head) instead of being an error.
     """
-    filter_fn = {Cait: cait_checkpoint_filter, SReT: sret_checkpoint_filter}.get(type(model), checkpoint_filter_fn)
-    state = filter_fn(load_state_dict_file(path), model)
+    state = family_of_model(model).checkpoint_filter(load_state_dict_file(path), model)
     expected = model.state_dict()
     head_keys = {k for k in expected if k.startswith("head.")}
     reinit = set()

@@ -1,15 +1,20 @@
-"""Helpers shared by the tests: tiny model settings, weight randomisation, random architectures."""
+"""Helpers shared by the tests: tiny model settings, weight randomisation, random architectures, export parity and
+fvcore counts."""
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fvcore.nn import FlopCountAnalysis
 from PIL import Image
 
+from spvit_search.export import export_subnet, load_subnet, save_subnet
 from supernets import MIXERS, Architecture, BlockChoice
+from supernets.layers.plain import BottleneckConv
 
 TINY = dict(img_size=32, patch_size=4, num_classes=10)
 
@@ -83,3 +88,59 @@ def reference_bconv(attn, x: torch.Tensor, kernel_size: int, batch_stats: bool) 
     y = F.batch_norm(y, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias, batch_stats, 0.0, bn.eps)
     y = F.linear(F.relu(y).flatten(2).transpose(1, 2), proj, attn.proj.bias)
     return torch.cat([torch.zeros(B, prefix, D), y], dim=1)
+
+
+def every_mixer_architecture(seed: int, depth: int, hidden: int, **model: object) -> Architecture:
+    """Random kept sets (empty and full included) and a random order of mixers that uses each of them."""
+    rng = random.Random(seed)
+    mixers = [*MIXERS, *rng.choices(MIXERS, k=depth - len(MIXERS))]
+    rng.shuffle(mixers)
+    widths = [0, hidden, *(rng.randint(1, hidden - 1) for _ in range(depth - 2))]
+    rng.shuffle(widths)
+    blocks = [BlockChoice(m, tuple(sorted(rng.sample(range(hidden), w)))) for m, w in zip(mixers, widths, strict=True)]
+    return Architecture(blocks=tuple(blocks), **model)
+
+
+def outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, every token of the last block's output): the head reads the class token alone, which conv and
+    skip blocks leave untouched, so logits alone could miss a wrong bconv in the last blocks."""
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        return model.forward_head(tokens), tokens
+
+
+def max_difference(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The largest logit difference, or token difference relative to the tokens' scale (residual streams
+    without a final norm grow to tens, where float32 rounding alone exceeds 1e-4 absolute)."""
+    (logits_a, tokens_a), (logits_b, tokens_b) = a, b
+    tokens = (tokens_a - tokens_b).abs().max() / tokens_b.abs().max().clamp(min=1.0)
+    return max((logits_a - logits_b).abs().max().item(), tokens.item())
+
+
+def check_parity(net, arch: Architecture, x: torch.Tensor, tmp_path: Path) -> None:
+    """Exported, saved-and-loaded and BN-folded subnets all match the supernet with `arch` fixed."""
+    net.eval().fix_architecture(arch)
+    expected = outputs(net, x)
+    net.release_architecture()
+    subnet = export_subnet(net, arch)
+    assert max_difference(outputs(subnet, x), expected) <= 1e-4
+    save_subnet(subnet, tmp_path / "plain")
+    assert max_difference(outputs(load_subnet(tmp_path / "plain"), x), expected) <= 1e-4
+    folded = export_subnet(net, arch, fold_bn=True)
+    assert not any(isinstance(m, BottleneckConv) and isinstance(m.bn, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert max_difference(outputs(folded, x), expected) <= 1e-4
+    save_subnet(folded, tmp_path / "folded")
+    assert max_difference(outputs(load_subnet(tmp_path / "folded"), x), expected) <= 1e-4
+
+
+def fvcore_macs(model: torch.nn.Module, img_size: int) -> dict[str, int]:
+    """fvcore's MACs per operator for one image, plus SDPA's two matmuls (which fvcore skips)."""
+
+    def sdpa(inputs, outputs):
+        q, k, v = (i.type().sizes() for i in inputs[:3])
+        return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+    analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, 3, img_size, img_size))
+    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return dict(analysis.by_operator())

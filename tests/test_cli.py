@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lookup_tables import LookupTable
-from spvit_search.cli import EXIT_BAD_INPUT, main, parse_model_kwargs
+from spvit_search.cli import EXIT_BAD_INPUT, main
+from spvit_search.runs import parse_model_kwargs
 
 TINY_ARGS = ["--model", "test_vit", "--img-size", "32", "--num-classes", "10", "--model-kwargs", "patch_size=4"]
 

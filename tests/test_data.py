@@ -13,6 +13,7 @@ from spvit_search.data import (
     DataConfig,
     DigitsDataset,
     build_dataset,
+    build_datasets,
     build_loader,
     build_loaders,
     default_num_workers,
@@ -111,7 +112,8 @@ def test_distributed_loader_needs_a_process_group_and_matches_one_process(tmp_pa
 
 
 def test_build_loaders_from_config():
-    train, val = build_loaders(DataConfig(img_size=16, batch_size=100))
+    config = DataConfig(batch_size=100)
+    train, val = build_loaders(config, *build_datasets(config, img_size=16), seed=0)
     images, targets = next(iter(train))
     assert images.shape == (100, 3, 16, 16) and len(targets) == 100
     assert len(train.dataset) + len(val.dataset) == 1797

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import every_mixer_architecture
 from test_cait import HIDDEN as CAIT_HIDDEN
 from test_cait import MODEL as CAIT_MODEL
 from test_cait import TINY as CAIT_TINY
 from test_cait import TINY_ARCH as CAIT_ARCH
-from test_export import every_mixer_architecture
 from test_sret_supernet import ARCHS as SRET_ARCHS
 from test_sret_supernet import IMG as SRET_IMG
 from test_sret_supernet import KWARGS as SRET_KWARGS

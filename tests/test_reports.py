@@ -174,7 +174,7 @@ def test_t2t_report_prices_a_shallower_narrower_subnet(tmp_path):
     lut.save(run / "lut.csv")
     heads = 2
     blocks = (BlockChoice("bconv3", tuple(range(0, 128, 3))), BlockChoice("msa", tuple(range(40))))
-    arch = Architecture(net.name, 32, 10, blocks, embed_dim=heads * net.head_dim, num_heads=heads)
+    arch = Architecture(net.name, 32, 10, blocks, {"embed_dim": heads * net.head_dim, "num_heads": heads})
     arch.save(run / "arch.json")
     (run / "config.json").write_text(json.dumps({"model": net.name, "target": "0.4x"}))
 
@@ -197,7 +197,7 @@ def test_sret_report_prices_the_architecture_group_splits(tmp_path):
     run.mkdir()
     lut.save(run / "lut.csv")
     dense = net.dense_architecture()
-    arch = dataclasses.replace(dense, groups=((16, 1), (1, 4), (2, 2)))
+    arch = dense.with_extras(groups=((16, 1), (1, 4), (2, 2)))
     arch.save(run / "arch.json")
     (run / "config.json").write_text(json.dumps({"model": net.name, "target": "0.9x"}))
 

@@ -8,7 +8,7 @@ import torch
 from helpers import randomize_
 
 from lookup_tables.counting import count_macs
-from supernets.sret import SlicedAttention, SReT
+from supernets.families.sret.sret import SlicedAttention, SReT
 
 # Stage grids 4×4, 2×2, 1×1 (16, 4, 1 tokens); G > 1 on both passes of stage 0 and the recursive pass of stage 1.
 TINY_SRET = dict(

@@ -3,20 +3,18 @@ lookup table = fvcore, the published dense counts at full size, and the Optuna s
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import optuna
 import pytest
 import timm
 import torch
-from helpers import randomize_
+from helpers import check_parity, fvcore_macs, randomize_
 from safetensors.torch import save_file
-from test_export import check_parity, fvcore_macs
 
 from lookup_tables import LookupTable, build_lookup_table, differentiable_flops
 from lookup_tables.counting import CORE_OPERATORS
-from spvit_search.discrete_spaces import SReTSpace, discrete_space
+from spvit_search.discrete_spaces import discrete_space
 from spvit_search.export import export_subnet, load_subnet
 from supernets import (
     Architecture,
@@ -27,8 +25,9 @@ from supernets import (
     check_model_name,
     list_supernets,
 )
-from supernets.sret import SlicedAttention
-from supernets.subnet import BottleneckConv
+from supernets.families.sret.space import SReTSpace
+from supernets.families.sret.sret import SlicedAttention
+from supernets.layers.plain import BottleneckConv
 
 MODEL, IMG, CLASSES = "sret_t", 64, 10
 # Grids 8×8, 4×4, 2×2 (64, 16, 4 tokens) of widths 8, 16, 32; stage 0 has two distinct blocks, each applied twice.
@@ -53,7 +52,7 @@ def architecture(net: SReTSupernet, mixers, groups, seed: int = 0) -> Architectu
     for i, (mixer, hidden) in enumerate(zip(mixers, net.mlp_hidden, strict=True)):
         width = [0, hidden][i] if i < 2 else rng.randint(1, hidden - 1)
         blocks.append(BlockChoice(mixer, tuple(sorted(rng.sample(range(hidden), width)))))
-    return Architecture(MODEL, IMG, CLASSES, tuple(blocks), groups=groups)
+    return Architecture(MODEL, IMG, CLASSES, tuple(blocks), {"groups": groups})
 
 
 def core_macs(model: torch.nn.Module) -> int:
@@ -111,7 +110,7 @@ def test_dense_supernet_is_the_dense_model_at_any_groups(dense, net):
     assert net.dense_architecture().groups == DEFAULT_GROUPS
     assert (logits(net, x) - logits(dense, x)).abs().max() <= 1e-5  # sliced, permuted in the recursive passes
     for _, groups in ARCHS:
-        net.fix_architecture(dataclasses.replace(net.dense_architecture(), groups=groups))
+        net.fix_architecture(net.dense_architecture().with_extras(groups=groups))
         dense.set_groups(groups)
         try:
             assert (logits(net, x) - logits(dense, x)).abs().max() <= 1e-5
@@ -139,7 +138,7 @@ def test_groups_in_json(net, tiny_supernet, tmp_path):
     vit_arch = tiny_supernet.dense_architecture()
     assert "groups" not in vit_arch.to_json()  # the other families' JSON is as it was
     with pytest.raises(ValueError, match=r"groups: 'test_vit' has no groups choice, but the architecture sets"):
-        tiny_supernet.fix_architecture(dataclasses.replace(vit_arch, groups=((1,),)))
+        tiny_supernet.fix_architecture(vit_arch.with_extras(groups=((1,),)))
     for value, message in [
         ("[[2, 16], [4, 0], [4, 2]]", r"groups\[1\]\[1\]: must be positive"),
         ("[[2, 16], [4, true], [4, 2]]", r"groups\[1\]\[1\]: expected int"),
@@ -162,7 +161,7 @@ def test_groups_in_json(net, tiny_supernet, tmp_path):
     ],
 )
 def test_groups_that_do_not_fit_are_clear_errors(net, luts, groups, message):
-    arch = dataclasses.replace(net.dense_architecture(), groups=groups)
+    arch = net.dense_architecture().with_extras(groups=groups)
     with pytest.raises(ValueError, match=message):
         net.fix_architecture(arch)
     assert net.fixed_architecture is None
@@ -194,19 +193,10 @@ def test_exported_dense_subnet_is_the_dense_model(dense, net):
 # -- lookup table -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("convention", ["fvcore", "core"])
-@pytest.mark.parametrize(("mixers", "groups"), ARCHS[1:])
-def test_lookup_table_prices_what_fvcore_counts_on_the_subnet(net, luts, convention, mixers, groups):
-    arch = architecture(net, mixers, groups, seed=3)
-    subnet = export_subnet(net, arch)
-    measured = sum(fvcore_macs(subnet, IMG).values()) if convention == "fvcore" else core_macs(subnet)
-    assert abs(luts[convention].flops(arch) - measured) <= 0.001 * measured
-
-
 def test_lookup_table_prices_groups_params_range_and_csv(net, luts, tmp_path):
     lut = luts["core"]
     dense = net.dense_architecture()
-    unsliced = dataclasses.replace(dense, groups=((1, 1),) * 3)
+    unsliced = dense.with_extras(groups=((1, 1),) * 3)
     assert lut.flops(dense) == lut.dense_flops() == core_macs(export_subnet(net, dense))
     assert lut.flops(unsliced) == core_macs(export_subnet(net, unsliced)) > lut.flops(dense)
     assert lut.params(dense) == lut.params(unsliced) == sum(p.numel() for p in export_subnet(net, dense).parameters())
@@ -234,7 +224,7 @@ def test_full_size_sret_t_matches_the_reference():
     assert [s.grid_size for s in net.stages] == [(28, 28), (14, 14), (7, 7)]
     assert lut.params(dense) == 4_755_979
     assert abs(lut.flops(dense) / 1e9 - 1.112) < 0.005
-    assert abs(lut.flops(dataclasses.replace(dense, groups=((1, 1),) * 3)) / 1e9 - 1.366) < 0.005
+    assert abs(lut.flops(dense.with_extras(groups=((1, 1),) * 3)) / 1e9 - 1.366) < 0.005
 
 
 # -- Optuna -----------------------------------------------------------------------------------------

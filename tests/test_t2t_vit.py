@@ -11,7 +11,7 @@ from helpers import randomize_
 from timm.models.vision_transformer import Block
 
 from lookup_tables.counting import count_macs
-from supernets.t2t_vit import (
+from supernets.families.t2t_vit.t2t_vit import (
     PerformerTokenLayer,
     T2TViT,
     TokenAttention,

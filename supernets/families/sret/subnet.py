@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
-from .registry import create_source_model
+from ...architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
+from ...base import Subnet, imagenet_data_config
+from ...layers.plain import BottleneckConv, PrunedMlp
+from ...registry import create_source_model
 from .sret import SlicedAttention, SReTBlock, sret_variants
-from .sret_supernet import SReTStemAndHead, group_choices
-from .subnet import BottleneckConv, PrunedMlp, Subnet, imagenet_data_config
+from .supernet import SReTStemAndHead, group_choices
 
 
 class ResidualScale(nn.Module):
@@ -75,8 +76,7 @@ class SReTSubnet(SReTStemAndHead, Subnet):
         super().__init__()
         if arch.model not in sret_variants():
             raise ValueError(f"model: '{arch.model}' is not an SReT; expected one of {', '.join(sret_variants())}")
-        self.model_kwargs = dict(model_kwargs or {})
-        kwargs = self.model_kwargs
+        kwargs = dict(model_kwargs or {})
         sret = create_source_model(arch.model, img_size=arch.img_size, num_classes=arch.num_classes, **kwargs)
         source_blocks = [(stage, block) for stage in sret.stages for block in stage.blocks]
         arch.validate_for(
@@ -92,6 +92,4 @@ class SReTSubnet(SReTStemAndHead, Subnet):
             SReTSubnetBlock(block, choice, stage.grid_size, fold_bn)
             for (stage, block), choice in zip(source_blocks, arch.blocks, strict=True)
         )
-        self.arch = arch
-        self.bn_folded = fold_bn
-        self.pretrained_cfg = imagenet_data_config(self.in_chans, arch, crop_pct=0.875)  # the original's crop
+        self.record_source(arch, kwargs, fold_bn, imagenet_data_config(self.in_chans, arch, crop_pct=0.875))

@@ -39,10 +39,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import register_model
 from torch import nn
 
-from .entry_points import constructor_kwargs
+from ...entry_points import LinearClassifier, constructor_kwargs, register_variants
 
 __all__ = [
     "SReT",
@@ -277,8 +276,10 @@ class SReTStage(nn.Module):
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
-class SReT(nn.Module):
+class SReT(LinearClassifier, nn.Module):
     """Sliced Recursive Transformer. Stage s has width base_dim·heads[s] and grid img_size/2^(3+s)."""
+
+    global_pool = "avg"
 
     def __init__(
         self,
@@ -372,15 +373,6 @@ class SReT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"SReT pools by averaging; global_pool {global_pool!r} is not supported")
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, C_last, H/32, W/32)."""
         x = self.stem(x)
@@ -433,16 +425,4 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> SReT:
     return SReT(**{**sret_variants()[name], **constructor_kwargs(name, pretrained, kwargs)})
 
 
-@register_model
-def sret_t(pretrained: bool = False, **kwargs: Any) -> SReT:
-    return _create("sret_t", pretrained, **kwargs)
-
-
-@register_model
-def sret_lt(pretrained: bool = False, **kwargs: Any) -> SReT:
-    return _create("sret_lt", pretrained, **kwargs)
-
-
-@register_model
-def sret_s(pretrained: bool = False, **kwargs: Any) -> SReT:
-    return _create("sret_s", pretrained, **kwargs)
+register_variants(__name__, _VARIANTS, _create)

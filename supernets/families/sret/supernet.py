@@ -21,19 +21,18 @@ gradient search trains and prices.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .architecture import Architecture
-from .gates import GateConfig
+from ...architecture import Architecture, BlockChoice
+from ...base import Supernet, check_input_size
+from ...layers.gates import GateConfig
+from ...layers.unified_attention import AttentionWeights, UnifiedAttention
+from ...layers.unified_mlp import UnifiedMlp
 from .sret import SlicedAttention, SReT, SReTBlock, SReTStage, check_group_count, token_permutation
-from .unified_attention import AttentionWeights, UnifiedAttention
-from .unified_mlp import UnifiedMlp
-from .vit import Supernet, check_input_size
 
 __all__ = [
     "SReTStemAndHead",
@@ -140,6 +139,19 @@ class SReTSuperBlock(nn.Module):
             x = self.residual1(x, self.drop_path(self.mixer_branch(x, groups, permute)))
         return self.residual2(x, self.drop_path(self.mlp_branch(x)))
 
+    def subnet_state(self, choice: BlockChoice, dim: int | None = None) -> dict[str, torch.Tensor]:
+        """The learnable residual scalars where ViT's block has layer scales; a skip block keeps only the first
+        residual's scale a (x ← a·x)."""
+        if choice.mixer == "skip":
+            state = {"residual1.alpha": self.residual1.alpha}
+        else:
+            state = {f"norm1.{k}": v for k, v in self.norm1.state_dict().items()}
+            state |= {f"residual1.{k}": v for k, v in self.residual1.state_dict().items()}
+            state |= {f"mixer.{k}": v for k, v in self.attn.plain_state(choice.mixer).items()}
+        state |= {f"norm2.{k}": v for k, v in self.norm2.state_dict().items()}
+        state |= {f"residual2.{k}": v for k, v in self.residual2.state_dict().items()}
+        return state | {f"mlp.{k}": v for k, v in self.mlp.pruned_state(choice.mlp_kept).items()}
+
     def mixer_parameters(self, mixer: str, dim: int | None = None) -> list[torch.Tensor]:
         """The parameters a subnet needs for `mixer` in this block's mixer branch; a skipped mixer keeps the
         residual's scale a1. SReT has no width choice: `dim` can only be the full width."""
@@ -236,16 +248,10 @@ class SReTSupernet(SReTStemAndHead, Supernet):
     """Our `SReT` converted by copying its weights: its blocks as `SReTSuperBlock`s, one per distinct block, and
     the group counts of a fixed architecture, or the model's."""
 
-    def __init__(
-        self, model: SReT, name: str, model_kwargs: dict[str, Any] | None = None, gates: GateConfig = GateConfig()
-    ) -> None:
-        super().__init__()
+    def adopt(self, model: SReT, name: str, gates: GateConfig) -> None:
         self.adopt_stem_and_head(model, name)
-        self.model_kwargs = dict(model_kwargs or {})
-        self.gate_config = gates
         blocks = [SReTSuperBlock(b, stage.grid_size, gates) for stage in model.stages for b in stage.blocks]
         self.blocks = nn.ModuleList(blocks)  # called pass by pass, never in sequence
-        self._fixed = None
 
     def stage_groups(self) -> Groups:
         """The group counts the forward runs: the fixed architecture's, else the model's."""
@@ -260,11 +266,11 @@ class SReTSupernet(SReTStemAndHead, Supernet):
 
     def dense_architecture(self) -> Architecture:
         """Every block msa and every hidden unit kept, at the model's group counts."""
-        return dataclasses.replace(super().dense_architecture(), groups=self.groups)
+        return super().dense_architecture().with_extras(groups=self.groups)
 
     def architecture(self) -> Architecture:
         """The deterministic choice of the current gates (logit > 0), at the model's group counts."""
-        return dataclasses.replace(super().architecture(), groups=self.groups)
+        return super().architecture().with_extras(groups=self.groups)
 
     def validate_architecture(self, arch: Architecture) -> None:
         arch.validate_for(

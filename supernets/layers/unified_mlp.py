@@ -43,6 +43,17 @@ class UnifiedMlp(nn.Module):
         """Indices of the hidden units kept by the deterministic rule (gate logit > 0)."""
         return self.gates.is_on().nonzero().squeeze(1)
 
+    def pruned_state(self, kept: tuple[int, ...], dim: int | None = None) -> dict[str, torch.Tensor]:
+        """The state dict of the `PrunedMlp` that keeps hidden units `kept`, for tokens of width `dim` (default: the
+        full width)."""
+        index = torch.tensor(kept, dtype=torch.long, device=self.fc1.weight.device)
+        state = {"fc1.weight": self.fc1.weight[index, :dim], "fc2.weight": self.fc2.weight[:dim, index]}  # (k,D) (D,k)
+        if self.fc1.bias is not None:
+            state["fc1.bias"] = self.fc1.bias[index]
+        if self.fc2.bias is not None:
+            state["fc2.bias"] = self.fc2.bias[:dim]
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, D)
         if self.fixed_kept is not None:
             return self._forward_kept(x, self.fixed_kept)
@@ -53,7 +64,7 @@ class UnifiedMlp(nn.Module):
         return self.drop2(F.linear(h, self.fc2.weight * self.gates(), self.fc2.bias))
 
     def _forward_kept(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        dim = int(x.shape[-1])  # slimmed tokens (T2T-ViT's width search) use the first `dim` in and out channels
+        dim = int(x.shape[-1])  # slimmed tokens (a family's width search) use the first `dim` in and out channels
         if kept.numel() == self.hidden_features and dim == self.fc1.in_features:
             h = self.fc1(x)
             w2, b2 = self.fc2.weight, self.fc2.bias

@@ -12,9 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from .architecture import Architecture
-from .subnet import Subnet, SubnetBlock, imagenet_data_config
-from .t2t_supernet import validate_t2t_architecture
+from ...architecture import Architecture
+from ...base import Subnet, imagenet_data_config
+from ...layers.plain import SubnetBlock
+from .supernet import validate_t2t_architecture
 from .t2t_vit import T2TViT, t2t_vit_variants
 
 
@@ -46,10 +47,7 @@ class T2TViTSubnet(T2TViT, Subnet):
             super().__init__(**(supernet | sliced), img_size=arch.img_size, num_classes=arch.num_classes)
         except TypeError as e:  # a model kwarg T2TViT does not take
             raise ValueError(f"model_kwargs: cannot build '{arch.model}' with {model_kwargs}: {e}") from None
-        self.model_kwargs = model_kwargs
-        self.arch = arch
-        self.bn_folded = fold_bn
-        self.pretrained_cfg = imagenet_data_config(self.in_chans, arch, crop_pct=0.9)  # the original's crop
+        self.record_source(arch, model_kwargs, fold_bn, imagenet_data_config(self.in_chans, arch, crop_pct=0.9))
         grid = self.tokens_to_token.grid_size
         self.blocks = nn.Sequential(
             *[

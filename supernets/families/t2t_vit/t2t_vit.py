@@ -34,11 +34,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
-from timm.models import register_model
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .entry_points import constructor_kwargs
+from ...entry_points import LinearClassifier, constructor_kwargs, register_variants
 
 __all__ = [
     "PerformerTokenLayer",
@@ -192,8 +191,10 @@ class TokensToToken(nn.Module):
         return self.project(x)  # (B, H/16·W/16, embed_dim)
 
 
-class T2TViT(nn.Module):
+class T2TViT(LinearClassifier, nn.Module):
     """Tokens-to-Token ViT: the T2T module, a class token, a fixed sinusoid position table and timm `Block`s."""
+
+    global_pool = "token"
 
     def __init__(
         self,
@@ -259,15 +260,6 @@ class T2TViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "token"):
-            raise ValueError(f"T2T-ViT classifies its class token; global_pool {global_pool!r} is not supported")
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, 1 + H/16·W/16, embed_dim), normalised; the class token first."""
         if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
@@ -310,51 +302,9 @@ def t2t_vit_variants() -> dict[str, dict[str, Any]]:
 def _create(name: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     note = (
         "; the released T2T-ViT checkpoints also need their attention scale folded into the q weights "
-        "(see the supernets.t2t_vit docstring)"
+        "(see the supernets.families.t2t_vit.t2t_vit docstring)"
     )
     return T2TViT(**{**_VARIANTS[name], **constructor_kwargs(name, pretrained, kwargs, note)})
 
 
-@register_model
-def t2t_vit_7(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_7", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_10(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_10", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_12(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_12", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_14(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_14", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_19(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_19", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_24(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_24", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_t_14(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_t_14", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_t_19(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_t_19", pretrained, **kwargs)
-
-
-@register_model
-def t2t_vit_t_24(pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    return _create("t2t_vit_t_24", pretrained, **kwargs)
+register_variants(__name__, _VARIANTS, _create)

@@ -22,21 +22,20 @@ fixed, the supernet runs at full depth and width, its mixers and MLP units drive
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .architecture import Architecture
-from .gates import GateConfig
+from ...architecture import Architecture
+from ...base import Supernet, check_input_size
+from ...layers.gates import GateConfig
+from ...layers.slimmable import SlimmableLayerNorm, SlimmableLinear
+from ...layers.super_block import SuperBlock
 from .t2t_vit import T2TViT
-from .vit import SuperBlock, Supernet, check_input_size
 
 __all__ = [
     "SlimmableLayerNorm",
@@ -79,68 +78,26 @@ def validate_t2t_architecture(
         )
 
 
-class SlimmableLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels its input has: slimmed tokens (the first D' < D channels) are normalised
-    with the first D' weights and biases."""
-
-    @classmethod
-    def from_norm(cls, norm: nn.LayerNorm) -> SlimmableLayerNorm:
-        slim = cls(norm.normalized_shape, norm.eps, device=norm.weight.device, dtype=norm.weight.dtype)
-        slim.load_state_dict(norm.state_dict())
-        return slim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., D')
-        dim = int(x.shape[-1])  # int: under tracing (fvcore) a size is a tensor
-        if dim == self.normalized_shape[0]:
-            return super().forward(x)
-        return F.layer_norm(x, (dim,), self.weight[:dim], self.bias[:dim], self.eps)
-
-
-class SlimmableLinear(nn.Linear):
-    """A linear layer that also runs slimmed: on the first input columns its input has, and to its first
-    `out_width` outputs (all while None)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.out_width: int | None = None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> SlimmableLinear:
-        w = linear.weight
-        slim = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype)
-        slim.load_state_dict(linear.state_dict())
-        return slim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in') -> (..., out')
-        rows, columns = self.out_width or self.out_features, int(x.shape[-1])
-        if (rows, columns) == (self.out_features, self.in_features):
-            return super().forward(x)
-        return F.linear(x, self.weight[:rows, :columns], None if self.bias is None else self.bias[:rows])
-
-
 class T2TSuperBlock(SuperBlock):
     """A T2T-ViT backbone block as a `SuperBlock` whose norms also run slimmed (the unified MSA and MLP do)."""
 
-    def __init__(self, block: Block, grid_size: tuple[int, int], gates: GateConfig) -> None:
-        super().__init__(block, grid_size, num_prefix_tokens=1, gates=gates)  # the class token
-        self.norm1 = SlimmableLayerNorm.from_norm(self.norm1)
-        self.norm2 = SlimmableLayerNorm.from_norm(self.norm2)
+    @classmethod
+    def from_t2t(cls, block: Block, grid_size: tuple[int, int], gates: GateConfig) -> T2TSuperBlock:
+        converted = cls.from_timm(block, grid_size, num_prefix_tokens=1, gates=gates)  # the class token
+        converted.norm1 = SlimmableLayerNorm.from_norm(converted.norm1)
+        converted.norm2 = SlimmableLayerNorm.from_norm(converted.norm2)
+        return converted
 
 
 class T2TViTSupernet(Supernet):
     """Our `T2TViT` converted by copying its weights: the T2T module, class token and position table, the blocks
     as `T2TSuperBlock`s, the final norm and the head, all able to run at the width of a fixed architecture."""
 
-    def __init__(
-        self, model: T2TViT, name: str, model_kwargs: dict[str, Any] | None = None, gates: GateConfig = GateConfig()
-    ) -> None:
-        super().__init__()
+    def adopt(self, model: T2TViT, name: str, gates: GateConfig) -> None:
         self.name = name
         self.img_size = model.img_size
         self.in_chans = model.in_chans
         self.num_classes = model.num_classes
-        self.model_kwargs = dict(model_kwargs or {})
-        self.gate_config = gates
         self.embed_dim = model.embed_dim
         self.num_heads = model.blocks[0].attn.num_heads
         self.head_dim = model.blocks[0].attn.head_dim
@@ -152,11 +109,10 @@ class T2TViTSupernet(Supernet):
         self.cls_token = copy.deepcopy(model.cls_token)  # (1, 1, D)
         self.pos_embed = copy.deepcopy(model.pos_embed)  # (1, 1 + N, D), frozen
         self.pos_drop = copy.deepcopy(model.pos_drop)
-        self.blocks = nn.Sequential(*[T2TSuperBlock(b, self.grid_size, gates) for b in model.blocks])
+        self.blocks = nn.Sequential(*[T2TSuperBlock.from_t2t(b, self.grid_size, gates) for b in model.blocks])
         self.norm = SlimmableLayerNorm.from_norm(model.norm)
         self.head_drop = copy.deepcopy(model.head_drop)
         self.head = SlimmableLinear.from_linear(model.head)
-        self._fixed = None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
         check_input_size(x, self.name, self.img_size)
@@ -185,11 +141,11 @@ class T2TViTSupernet(Supernet):
         """Every block msa and every hidden unit kept, at full depth and width `embed_dim` (default: full)."""
         embed_dim = embed_dim or self.embed_dim
         arch = super().dense_architecture()
-        return dataclasses.replace(arch, embed_dim=embed_dim, num_heads=embed_dim // self.head_dim)
+        return arch.with_extras(embed_dim=embed_dim, num_heads=embed_dim // self.head_dim)
 
     def architecture(self) -> Architecture:
         """The deterministic choice of the current gates (logit > 0), at full depth and width."""
-        return dataclasses.replace(super().architecture(), embed_dim=self.embed_dim, num_heads=self.num_heads)
+        return super().architecture().with_extras(embed_dim=self.embed_dim, num_heads=self.num_heads)
 
     def validate_architecture(self, arch: Architecture) -> None:
         validate_t2t_architecture(
@@ -203,16 +159,9 @@ class T2TViTSupernet(Supernet):
         )
 
     def fix_architecture(self, arch: Architecture) -> None:
-        """Compute exactly `arch` from now on: its first `arch.depth` blocks at its width, each with only its
-        mixer and its kept hidden units."""
-        self.validate_architecture(arch)
-        self.release_architecture()  # the blocks past its depth keep no choice
-        device = self.blocks[0].mlp.fc1.weight.device
-        for block, choice in zip(self.blocks, arch.blocks, strict=False):
-            block.attn.fixed_mixer = choice.mixer
-            block.mlp.fixed_kept = torch.tensor(choice.mlp_kept, dtype=torch.long, device=device)
+        """Compute exactly `arch` from now on, at its width."""
+        super().fix_architecture(arch)
         self.tokens_to_token.project.out_width = arch.embed_dim
-        self._fixed = arch
 
     def release_architecture(self) -> None:
         """Go back to full depth and width, and to gate-driven forwards (sampled in training, logit > 0 in eval)."""

@@ -15,9 +15,10 @@ import torch
 from timm.models.cait import LayerScaleBlock, TalkingHeadAttn
 from torch import nn
 
-from .architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
-from .cait import CaitStemAndHead, talking_heads_attention
-from .subnet import BottleneckConv, PlainAttention, PrunedMlp, Subnet
+from ...architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
+from ...base import Subnet
+from ...layers.plain import BottleneckConv, PlainAttention, PrunedMlp
+from .supernet import CaitStemAndHead, talking_heads_attention
 
 
 class TalkingHeadsAttention(PlainAttention):

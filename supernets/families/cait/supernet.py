@@ -23,24 +23,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.layers import LayerScale, resample_abs_pos_embed
 from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
 from timm.models.cait import checkpoint_filter_fn as timm_cait_filter
 from torch import nn
 
-from .gates import GateConfig
-from .unified_attention import UnifiedAttention
-from .unified_mlp import UnifiedMlp
-from .vit import SuperBlock, Supernet, adopt_patch_grid, check_input_size
+from ...architecture import BlockChoice
+from ...base import Supernet, adopt_patch_grid, check_input_size, patch_model_reasons, plain_mlp_reason
+from ...layers.gates import GateConfig
+from ...layers.super_block import SuperBlock
+from ...layers.unified_attention import UnifiedAttention
+from ...layers.unified_mlp import UnifiedMlp
 
 
 def unsupported_cait_features(model: nn.Module) -> list[str]:
     """Why a timm model cannot become a CaiT supernet; empty when it can."""
+    reasons = patch_model_reasons(model, Cait, "not timm's Cait")
     if type(model) is not Cait:
-        return [f"model class {type(model).__name__} (not timm's Cait)"]
-    reasons = []
-    if type(model.patch_embed) is not PatchEmbed:
-        reasons.append(f"patch embedding {type(model.patch_embed).__name__} (needs a plain PatchEmbed grid)")
+        return reasons
     if model.blocks_token_only is None or model.cls_token is None:
         reasons.append("no class-attention blocks (a model pruned for features)")
     for i, block in enumerate(model.blocks):
@@ -49,8 +49,8 @@ def unsupported_cait_features(model: nn.Module) -> list[str]:
             kind = f"{type(block).__name__} with {type(attn).__name__}"
             reasons.append(f"block {i} is a {kind} (needs timm's LayerScaleBlock with TalkingHeadAttn)")
             break
-        if type(block.mlp) is not Mlp or not isinstance(block.mlp.norm, nn.Identity):
-            reasons.append(f"block {i} MLP {type(block.mlp).__name__} (needs a plain Mlp without norm)")
+        if mlp_reason := plain_mlp_reason(i, block.mlp):
+            reasons.append(mlp_reason)
             break
     return reasons
 
@@ -130,16 +130,37 @@ class CaitSuperBlock(SuperBlock):
     """CaiT's `LayerScaleBlock` as a `SuperBlock`, whose forward, branches and parameter counts it shares: a
     talking-heads unified MSA, a gated MLP, and `gamma_1`, `gamma_2` as the layer scales ls1, ls2."""
 
-    def __init__(self, block: LayerScaleBlock, grid_size: tuple[int, int], gates: GateConfig) -> None:
-        nn.Module.__init__(self)  # SuperBlock's own __init__ reads a ViT `Block`
-        self.norm1 = copy.deepcopy(block.norm1)
-        self.attn = TalkingHeadsUnifiedAttention.from_timm(block.attn, grid_size, num_prefix_tokens=0, gates=gates)
-        self.ls1 = _layer_scale(block.gamma_1)
-        self.drop_path1 = copy.deepcopy(block.drop_path)
-        self.norm2 = copy.deepcopy(block.norm2)
-        self.mlp = UnifiedMlp.from_timm(block.mlp, gates)
-        self.ls2 = _layer_scale(block.gamma_2)
-        self.drop_path2 = copy.deepcopy(block.drop_path)
+    @classmethod
+    def from_cait(cls, block: LayerScaleBlock, grid_size: tuple[int, int], gates: GateConfig) -> CaitSuperBlock:
+        return cls(
+            copy.deepcopy(block.norm1),
+            TalkingHeadsUnifiedAttention.from_timm(block.attn, grid_size, num_prefix_tokens=0, gates=gates),
+            _layer_scale(block.gamma_1),
+            copy.deepcopy(block.drop_path),
+            copy.deepcopy(block.norm2),
+            UnifiedMlp.from_timm(block.mlp, gates),
+            _layer_scale(block.gamma_2),
+            copy.deepcopy(block.drop_path),
+        )
+
+    def subnet_state(self, choice: BlockChoice, dim: int | None = None) -> dict[str, torch.Tensor]:
+        """Talking heads' proj_l and proj_w join msa, and the layer scales are folded away."""
+        state = super().subnet_state(choice, dim)
+        if choice.mixer == "msa":
+            state |= {f"mixer.proj_l.{k}": v for k, v in self.attn.proj_l.state_dict().items()}
+            state |= {f"mixer.proj_w.{k}": v for k, v in self.attn.proj_w.state_dict().items()}
+        if choice.mixer != "skip":
+            _fold_layer_scale(state, "ls1.gamma", "mixer.proj.")
+        _fold_layer_scale(state, "ls2.gamma", "mlp.fc2.")
+        return state
+
+
+def _fold_layer_scale(state: dict[str, torch.Tensor], gamma: str, linear: str) -> None:
+    """Fold the layer scale γ (D,) at key `gamma` into the linear layer before it: γ·(W·h + b) = (γ·W)·h + γ·b."""
+    scale = state.pop(gamma)
+    state[f"{linear}weight"] = state[f"{linear}weight"] * scale[:, None]  # (D, in): row d scaled by γ_d
+    if f"{linear}bias" in state:
+        state[f"{linear}bias"] = state[f"{linear}bias"] * scale
 
 
 class CaitStemAndHead(nn.Module):
@@ -176,16 +197,6 @@ class CaitStemAndHead(nn.Module):
 
 
 class CaitSupernet(CaitStemAndHead, Supernet):
-    def __init__(
-        self,
-        cait: Cait,
-        name: str,
-        model_kwargs: dict[str, Any] | None = None,
-        gates: GateConfig = GateConfig(),
-    ) -> None:
-        super().__init__()
+    def adopt(self, cait: Cait, name: str, gates: GateConfig) -> None:
         self.adopt_stem_and_head(cait, name)
-        self.model_kwargs = dict(model_kwargs or {})
-        self.gate_config = gates
-        self.blocks = nn.Sequential(*[CaitSuperBlock(b, self.grid_size, gates) for b in cait.blocks])
-        self._fixed = None
+        self.blocks = nn.Sequential(*[CaitSuperBlock.from_cait(b, self.grid_size, gates) for b in cait.blocks])

@@ -14,7 +14,7 @@ over the patch-token grid, where b_p, P_p mix v's bias and proj's columns with s
 is the centre tap (p = 4) of the 3×3. Prefix tokens (class, registers) get a zero update from every
 conv or skip candidate.
 
-Slimmed tokens, the first D' < D channels (T2T-ViT's width search), keep the width per head: they use the
+Slimmed tokens, the first D' < D channels (a family's width search), keep the width per head: they use the
 first D'·heads/D heads, and of every weight the rows and columns of those heads and channels (`weights`).
 """
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
-from .architecture import CONV_KERNEL_SIZE, MIXERS
+from ..architecture import CONV_KERNEL_SIZE, MIXERS
 from .gates import BinaryGates, GateConfig
 
 _NUM_TAPS = 9  # the 3×3 kernel; 1×1 is its centre tap
@@ -183,6 +183,27 @@ class UnifiedAttention(nn.Module):
             return [*qk, *self.q_norm.parameters(), *self.k_norm.parameters(), *shared]
         bn = self.bn1 if CONV_KERNEL_SIZE[mixer] == 1 else self.bn3
         return [*shared, self.head_mix_logits[: weights.heads], *bn.parameters()]
+
+    def plain_state(self, mixer: str, dim: int | None = None) -> dict[str, torch.Tensor]:
+        """The state dict of the plain layer that computes `mixer` (`PlainAttention` for msa, `BottleneckConv`
+        for a conv) for tokens of width `dim` (default: the full width)."""
+        weights = self.weights(dim)
+        (proj_weight, proj_bias), (v_weight, v_bias) = weights.proj, weights.v
+        state = {"proj.weight": proj_weight} | ({} if proj_bias is None else {"proj.bias": proj_bias})
+        if mixer == "msa":
+            qk_weight, qk_bias = weights.qk
+            state["qkv.weight"] = torch.cat([qk_weight, v_weight])  # (3·A, D): q, k, v rows as timm's
+            if v_bias is not None:
+                state["qkv.bias"] = torch.cat([qk_bias, v_bias])
+            norms = {f"q_norm.{k}": v for k, v in self.q_norm.state_dict().items()}
+            return state | norms | {f"k_norm.{k}": v for k, v in self.k_norm.state_dict().items()}
+        kernel_size = CONV_KERNEL_SIZE[mixer]
+        kernel, bias, proj = self.conv_parameters(kernel_size, dim)
+        state |= {"conv.weight": kernel, "proj.weight": proj}
+        if bias is not None:
+            state["conv.bias"] = bias
+        bn = self.bn1 if kernel_size == 1 else self.bn3
+        return state | {f"bn.{k}": v for k, v in bn.state_dict().items()}
 
     def head_mix(self, heads: int | None = None) -> torch.Tensor:
         """s = softmax over the first `heads` heads (default: all) of z / t, per kernel tap: (heads, 9)."""

@@ -1,43 +1,17 @@
-"""The plain modules a fixed architecture is built from, and `VisionTransformerSubnet`, the exported model.
-
-No gates and no search code: a subnet is timm's ViT whose blocks hold what one `Architecture` chose,
-standard attention (msa), a bottleneck convolution (bconv1, bconv3) or no token mixer at all (skip), and
-an MLP cut to its kept hidden units. It is built from data alone, the architecture plus a small config
-(the source model's timm kwargs, whether BN is folded), so that loading a saved subnet needs no
-supernet; its weights then come by name through `load_state_dict`.
-"""
+"""The plain layers a fixed architecture is built from: `BottleneckConv` (a bconv candidate as a real conv),
+`PlainAttention`, `PrunedMlp` and `SubnetBlock`. No gates and no search code."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, Mlp, to_2tuple
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice, check_fields, check_type
-from .registry import check_model_name, create_source_model
-from .vit import ViTStemAndHead
-
-_CONFIG_FIELDS = ("model_kwargs", "fold_bn")
-
-
-def imagenet_data_config(in_chans: int, arch: Architecture, crop_pct: float) -> dict[str, Any]:
-    """timm's data config (`timm.data.resolve_model_data_config`) of a family trained with ImageNet's usual
-    settings (bicubic, mean/std), at the architecture's fixed input size: the conv candidates need one grid."""
-    return {
-        "input_size": (in_chans, arch.img_size, arch.img_size),
-        "fixed_input_size": True,
-        "num_classes": arch.num_classes,
-        "interpolation": "bicubic",
-        "crop_pct": crop_pct,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-    }
+from ..architecture import CONV_KERNEL_SIZE, BlockChoice
 
 
 class BottleneckConv(nn.Module):
@@ -71,7 +45,7 @@ class BottleneckConv(nn.Module):
         cls, attn: nn.Module, kernel_size: int, grid_size: tuple[int, int], num_prefix_tokens: int, fold_bn: bool
     ) -> BottleneckConv:
         """The bconv shaped like the unified MSA converted from `attn` (a conv bias where v has one); any attention
-        with qkv and proj layers (timm's, CaiT's talking heads, SReT's sliced one)."""
+        with qkv and proj layers (timm's, or a family's variant of it)."""
         return cls(
             attn.qkv.in_features,
             attn.proj.in_features // attn.num_heads,  # the head width; not every attention stores it
@@ -214,84 +188,3 @@ class SubnetBlock(nn.Module):
         if self.mixer is not None:
             x = x + self.drop_path1(self.ls1(self.mixer(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-class Subnet(nn.Module):
-    """What every family's exported model shares: it is built from data alone, one `Architecture` plus
-    `config()`, and its bconv layers can fold their BN. A family's `__init__(arch, model_kwargs, fold_bn)` calls
-    `create_source` and builds its stem, head and blocks from the model it returns; the family names itself in
-    `family`, which `config()` records (ViT's records none, as subnets saved before there were other families do)."""
-
-    family: ClassVar[str | None] = None
-    arch: Architecture
-    model_kwargs: dict[str, Any]
-    bn_folded: bool
-
-    def create_source(self, arch: Architecture, model_kwargs: dict[str, Any] | None, fold_bn: bool) -> nn.Module:
-        """The timm model `arch.model`, created for its structure and checked against `arch`; records what
-        rebuilds this subnet (`config()`) and timm's data config.
-
-        It is created on the ambient device: build under `torch.device("meta")` to skip allocating and
-        initialising weights that a state dict replaces anyway.
-        """
-        self.model_kwargs = dict(model_kwargs or {})
-        check_model_name(arch.model)
-        source = create_source_model(
-            arch.model, img_size=arch.img_size, num_classes=arch.num_classes, **self.model_kwargs
-        )
-        mlp_hidden = [b.mlp.fc1.out_features for b in source.blocks]  # the depth and kept indices must fit these
-        arch.validate_for(model=arch.model, img_size=arch.img_size, num_classes=arch.num_classes, mlp_hidden=mlp_hidden)
-        self.arch = arch
-        self.bn_folded = fold_bn
-        # timm's data config (mean, std, crop) for `timm.data.resolve_model_data_config`; the grid is fixed.
-        image = (source.patch_embed.proj.in_channels, arch.img_size, arch.img_size)
-        self.pretrained_cfg = source.pretrained_cfg | {
-            "input_size": image,
-            "fixed_input_size": True,
-            "num_classes": arch.num_classes,
-        }
-        return source
-
-    @classmethod
-    def from_config(cls, config: Any, arch: Architecture) -> Subnet:
-        """Build from `config()`'s data (as parsed from JSON), checking it field by field."""
-        check_type("subnet config", config, dict)
-        check_fields("", config, _CONFIG_FIELDS if cls.family is None else ("family", *_CONFIG_FIELDS))
-        if config.get("family") != cls.family:
-            raise ValueError(f"family: the config is for {config['family']!r}, not {cls.family!r}")
-        check_type("model_kwargs", config["model_kwargs"], dict)
-        check_type("fold_bn", config["fold_bn"], bool)
-        return cls(arch, config["model_kwargs"], config["fold_bn"])
-
-    def config(self) -> dict[str, Any]:
-        """What besides the architecture rebuilds this subnet's modules, as JSON-ready data."""
-        family = {} if self.family is None else {"family": self.family}
-        return family | {"model_kwargs": self.model_kwargs, "fold_bn": self.bn_folded}
-
-    def fold_batch_norm(self) -> Subnet:
-        """Fold every bconv's BN into its conv, for inference; returns self."""
-        for module in self.modules():
-            if isinstance(module, BottleneckConv):
-                module.fold_batch_norm()
-        self.bn_folded = True
-        return self
-
-
-class VisionTransformerSubnet(ViTStemAndHead, Subnet):
-    """The exported subnet: timm's stem, tokens, norms and head around the blocks of one `Architecture`.
-
-    The timm model `arch.model` is created (`Subnet.create_source`) for its structure; its stem and head
-    are taken over and each block is rebuilt for its choice. `fold_bn` builds the inference form of the
-    bconv layers (no BN, a conv bias); `config()` and the architecture rebuild the same modules.
-    """
-
-    def __init__(self, arch: Architecture, model_kwargs: dict[str, Any] | None = None, fold_bn: bool = False) -> None:
-        super().__init__()
-        vit = self.create_source(arch, model_kwargs, fold_bn)
-        self.adopt_stem_and_head(vit, arch.model)
-        self.blocks = nn.Sequential(
-            *[
-                SubnetBlock(block, choice, self.grid_size, self.num_prefix_tokens, fold_bn)
-                for block, choice in zip(vit.blocks, arch.blocks, strict=True)
-            ]
-        )

@@ -1,0 +1,5 @@
+"""The sret family; importing it registers it (`family.FAMILY`)."""
+
+from .family import FAMILY
+
+__all__ = ["FAMILY"]

@@ -1,0 +1,45 @@
+"""The T2T-ViT family: our `T2TViT` (timm has none), searched in depth and embedding width as well as per block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ...architecture import Architecture, positive_int
+from ...family import Family, register_family
+from .space import T2TSpace
+from .subnet import T2TViTSubnet
+from .supernet import T2TViTSupernet
+from .t2t_vit import T2TViT
+
+
+class T2TViTFamily(Family):
+    supernet_class = T2TViTSupernet
+    subnet_class = T2TViTSubnet
+    source_classes = (T2TViT,)
+    timm_modules = ("t2t_vit",)
+    # The width used (num_heads × the supernet's head width) and the attention heads of every block.
+    architecture_fields = {"embed_dim": positive_int, "num_heads": positive_int}
+
+    def subnet_state_dict(self, net: T2TViTSupernet, arch: Architecture) -> dict[str, torch.Tensor]:
+        """The first `arch.embed_dim` channels of the stem, tokens, norm and head, and of every kept block."""
+        state = net.stem_and_head_state(arch.embed_dim)
+        for i, (block, choice) in enumerate(zip(net.blocks[: arch.depth], arch.blocks, strict=True)):
+            state |= {f"blocks.{i}.{k}": v for k, v in block.subnet_state(choice, arch.embed_dim).items()}
+        return state
+
+    def search_space(self, net: T2TViTSupernet, mixers: Iterable[str], mlp_ratios: Iterable[float]) -> T2TSpace:
+        return T2TSpace(net, mixers, mlp_ratios)
+
+    def table_widths(self, net: T2TViTSupernet) -> list[int]:
+        return net.discrete_choices()["embed_dim"]
+
+    def table_width(self, arch: Architecture) -> int:
+        return arch.embed_dim or 0
+
+    def smallest_architecture(self, net: T2TViTSupernet, width: int) -> Architecture:
+        return net.dense_architecture(width)
+
+
+FAMILY = register_family(T2TViTFamily())

@@ -1,0 +1,5 @@
+"""The vit family; importing it registers it (`family.FAMILY`)."""
+
+from .family import FAMILY
+
+__all__ = ["FAMILY"]

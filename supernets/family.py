@@ -1,0 +1,168 @@
+"""`Family`: everything the rest of the toolkit asks of a model family, and the registry of families.
+
+A family is one folder under `supernets/families/` that registers one `Family` object: the registry asks it
+which timm models it converts and builds its supernet, the exporter asks it for the subnet class and the block
+state, the lookup table for its extra rows and their pricing, the Optuna search for its discrete space. Nothing
+outside a family's folder tells families apart by class.
+
+The base class is the behaviour of a family without choices outside its blocks (DeiT/ViT); a family overrides
+what it adds.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import timm
+from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+
+    from .architecture import Architecture
+    from .base import Subnet, Supernet
+    from .search_space import BlockwiseSpace
+
+
+class Family:
+    """A model family as the toolkit sees it. Subclasses set the class attributes and override what differs."""
+
+    supernet_class: ClassVar[type[Supernet]]
+    subnet_class: ClassVar[type[Subnet]]
+    source_classes: ClassVar[tuple[type[nn.Module], ...]]  # the timm model classes it converts
+    timm_modules: ClassVar[tuple[str, ...]]  # the timm modules whose models may be this family's
+    # Its extra top-level `Architecture` fields, each with the check that parses its JSON value.
+    architecture_fields: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}
+    spvit_formula: ClassVar[bool] = False  # whether the `spvit` convention's formula describes its models
+
+    @property
+    def name(self) -> str | None:
+        """As a subnet's config.json records it; ViT's is None, as subnets saved before there were families."""
+        return self.subnet_class.family
+
+    def accepts(self, model: nn.Module) -> bool:
+        """Whether `model` is one of this family's timm models (it may still be unsupported)."""
+        return type(model) in self.source_classes
+
+    def model_names(self) -> list[str]:
+        """Every timm model name this family might convert (each is checked by building it)."""
+        return sorted({n for m in self.timm_modules for n in timm.list_models(module=m)})
+
+    def unsupported(self, model: nn.Module) -> list[str]:
+        """Why `model` cannot become this family's supernet; empty when it can."""
+        return []
+
+    def structure_kwargs(self, name: str) -> dict[str, Any]:
+        """timm kwargs that show a model's structure cheaply on the meta device (one block where depth is one
+        number)."""
+        return {"depth": 1}
+
+    def checkpoint_filter(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """A timm-format state dict adapted to `model` (e.g. position embeddings resampled to its image size)."""
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        return checkpoint_filter_fn(state, model)
+
+    def subnet_state_dict(self, net: Supernet, arch: Architecture) -> dict[str, torch.Tensor]:
+        """The state dict of `arch`'s subnet, from `net`'s weights: the stem and head as they are, and each
+        block's state for its choice."""
+        state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}
+        for i, (block, choice) in enumerate(zip(net.blocks[: arch.depth], arch.blocks, strict=True)):
+            state |= prefixed(f"blocks.{i}.", block.subnet_state(choice))
+        return state
+
+    def search_space(self, net: Supernet, mixers: Iterable[str], mlp_ratios: Iterable[float]) -> BlockwiseSpace:
+        """The Optuna search's discrete space over `net`."""
+        from .search_space import BlockwiseSpace
+
+        return BlockwiseSpace(net, mixers, mlp_ratios)
+
+    # -- the lookup table -------------------------------------------------------------------------
+
+    def table_widths(self, net: Supernet) -> list[int]:
+        """The embedding widths a lookup table prices separately (0: the supernet's only one)."""
+        return [0]
+
+    def table_width(self, arch: Architecture) -> int:
+        """The width whose rows price `arch` (one of `table_widths`)."""
+        return 0
+
+    def smallest_architecture(self, net: Supernet, width: int) -> Architecture:
+        """The dense architecture at `width` (0: the only one), whose blocks the lookup table then empties."""
+        return net.dense_architecture()
+
+    def extra_block_rows(
+        self, net: Supernet, index: int, measure: Callable[[str, dict[str, Any]], int], msa_macs: int
+    ) -> list[dict[str, Any]]:
+        """Lookup-table rows of block `index` beyond its mixers and MLP: `measure(branch, kwargs)` counts one
+        pass of a branch with the msa mixer fixed. `msa_macs` is the block's msa row, which they must agree with."""
+        return []
+
+    def msa_row_choices(self, arch: Architecture, index: int, offered: Iterable[str]) -> list[str] | None:
+        """Which of block `index`'s extra msa rows (their `choice`s, `offered`) price its msa in `arch`, summed;
+        None: its plain msa row does."""
+        return None
+
+    def dearest_msa(self, rows: Mapping[str, int]) -> int:
+        """The most a block's msa can cost over the family's choices, from its extra msa rows {choice: MACs}."""
+        return max(rows.values())
+
+
+_FAMILIES: list[Family] = []
+
+
+def register_family(family: Family) -> Family:
+    """Make `family` known to the registry, exporter, lookup table and Optuna search; returns it."""
+    if any(f.name == family.name for f in _FAMILIES):
+        raise ValueError(f"family {family.name!r} is registered twice")
+    _FAMILIES.append(family)
+    for name, check in family.architecture_fields.items():
+        from .architecture import register_architecture_field
+
+        register_architecture_field(name, check)
+    _family_of_name.cache_clear()
+    return family
+
+
+def registered_families() -> list[Family]:
+    """Every registered family; the plain ViT family, which accepts what no other does, last."""
+    return sorted(_FAMILIES, key=lambda f: f.name is None)
+
+
+def family_of_model(model: nn.Module) -> Family:
+    """The family whose timm model `model` is; the ViT family for any other model (which it then refuses)."""
+    return next(f for f in registered_families() if f.accepts(model) or f.name is None)
+
+
+def family_of(net: nn.Module) -> Family:
+    """The family of a supernet or subnet."""
+    for family in registered_families():
+        if isinstance(net, family.supernet_class | family.subnet_class):  # no family's classes derive another's
+            return family
+    raise ValueError(f"{type(net).__name__} belongs to no registered family")
+
+
+def family_named(name: str | None) -> Family:
+    """The family a subnet config's `family` names (None: ViT)."""
+    for family in registered_families():
+        if family.name == name:
+            return family
+    known = ", ".join(repr(f.name) for f in registered_families() if f.name is not None)
+    raise ValueError(f"family: unknown subnet family {name!r}; expected {known} or none (ViT)")
+
+
+@functools.cache
+def _family_of_name(model: str) -> Family:
+    named = (f for f in registered_families() if f.name is not None and model in f.model_names())
+    return next(named, family_named(None))
+
+
+def family_of_model_name(model: str) -> Family:
+    """The family of timm model `model` (by the timm module it is registered in)."""
+    return _family_of_name(model)
+
+
+def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
