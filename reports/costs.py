@@ -18,33 +18,30 @@ from typing import Any
 
 import pandas as pd
 
-from .run_files import ArchSpec, warn
+from supernets.architecture import CONV_KERNEL_SIZE, MIXERS, Architecture
+
+from .run_files import warn
 
 LUT_FORMAT = "spvit-search lookup table"
 LUT_VERSION = 1
 LUT_COLUMNS = ("block", "item", "choice", "macs", "params", "units")
-WIDTH = "width"  # the optional column of a table that prices several embedding widths (T2T-ViT)
+WIDTH = "width"  # the optional column of a table that prices several embedding widths (a family with width choices)
 CHOICES = "discrete_choices"  # the header field of such a table: its depths, widths and head counts
 REMOVED = "removed"  # the "mixer" of a block past a shallower architecture's depth
-MSA_GROUPS = "msa_groups"  # the item of the rows that price one pass of an msa at one group count (SReT)
+MSA_GROUPS = "msa_groups"  # the item of the rows that price one pass of an msa at one option of a family's choice
 _GROUP_CHOICE = re.compile(r"groups\[(\d+)\]\[(\d+)\]=(\d+)")  # their choice: stage, pass, group count
-# Mixers by cost, as `supernets.MIXERS` orders them (reports may not import supernets); the dense model's
-# blocks all use the last one.
-MIXER_ORDER = ("skip", "bconv1", "bconv3", "msa")
-DENSE_MIXER = "msa"
-_CONV_MIXER = re.compile(r"bconv(\d+)")
+DENSE_MIXER = MIXERS[-1]  # the dense model's: the dearest
 
 
 def kernel_size(mixer: str) -> int | None:
-    """The convolution kernel of a `bconv{k}` mixer; None for attention and skip."""
-    match = _CONV_MIXER.fullmatch(mixer)
-    return int(match.group(1)) if match else None
+    """The convolution kernel of a bconv mixer; None for attention and skip."""
+    return CONV_KERNEL_SIZE.get(mixer)
 
 
 @dataclass(frozen=True)
 class CostTable:
     """The costs at one embedding width: the full one, with every narrower width a table of its own in `narrower`
-    (for a family that searches its width, T2T-ViT; empty otherwise)."""
+    (for a family that searches its width; empty otherwise)."""
 
     meta: dict[str, Any]  # model, img_size, num_classes, model_kwargs, convention (, discrete_choices)
     fixed: pd.DataFrame  # one row per fixed part, indexed by its name: macs, params
@@ -52,7 +49,7 @@ class CostTable:
     mlp: pd.DataFrame  # indexed by block: fixed_macs, fixed_params, unit_macs, unit_params, hidden
     width: int = 0  # the embedding width these rows price; 0 in a table of a single width
     narrower: dict[int, CostTable] = field(default_factory=dict)
-    # SReT: a block's msa per pass and group count (block, stage, step, groups, macs); empty for other families
+    # A family's extra msa rows: a block's msa per pass and group count (block, stage, step, groups, macs); or empty
     msa_groups: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
@@ -68,7 +65,7 @@ class CostTable:
             raise ValueError(f"embed_dim: the architecture has {width}, the table prices {priced}")
         return self.narrower[width]
 
-    def check(self, arch: ArchSpec) -> None:
+    def check(self, arch: Architecture) -> None:
         """Raise `ValueError` naming the field if `arch` is not in this table's search space."""
         for name in ("model", "img_size", "num_classes"):
             if getattr(arch, name) != self.meta.get(name):
@@ -79,7 +76,7 @@ class CostTable:
         if arch.depth not in depths:
             raise ValueError(f"the architecture has {arch.depth} blocks, the table {' or '.join(map(str, depths))}")
         table = self.at_width(arch.embed_dim)
-        for block, (mixer, kept) in enumerate(zip(arch.mixers, arch.mlp_kept, strict=True)):
+        for block, (mixer, kept) in enumerate((b.mixer, b.mlp_kept) for b in arch.blocks):
             if (block, mixer) not in table.mixers.index:
                 raise ValueError(f"blocks[{block}].mixer: the table has no cost for '{mixer}'")
             hidden = table.mlp.hidden[block]
@@ -174,7 +171,7 @@ def block_costs_dense(table: CostTable) -> pd.DataFrame:
     ).assign(macs=lambda f: f.mixer_macs + f.mlp_macs, params=lambda f: f.mixer_params + f.mlp_params)
 
 
-def block_costs(arch: ArchSpec, table: CostTable) -> pd.DataFrame:
+def block_costs(arch: Architecture, table: CostTable) -> pd.DataFrame:
     """Per block of the dense model: the choice, and the MACs and params of mixer and MLP, dense (`dense_*`) and
     as chosen (at the architecture's width). Blocks past a shallower architecture's depth are `removed`.
 
@@ -190,7 +187,7 @@ def block_costs(arch: ArchSpec, table: CostTable) -> pd.DataFrame:
     if arch.groups is not None and not pruned.msa_groups.empty:
         chosen["macs"] = [_msa_macs(pruned, i, arch.groups) if m == DENSE_MIXER else macs for i, (m, macs) in
                           enumerate(zip(mixers, chosen.macs, strict=True))]  # fmt: skip
-    kept = pd.Series([len(k) for k in arch.mlp_kept] + [0] * removed, dtype="int64")
+    kept = pd.Series([len(b.mlp_kept) for b in arch.blocks] + [0] * removed, dtype="int64")
     mlp = pruned.mlp.reset_index(drop=True)
     mlp = pd.concat([mlp.iloc[: arch.depth], mlp.iloc[arch.depth :].assign(fixed_macs=0, fixed_params=0)])
     mlp = mlp.assign(hidden=table.mlp.hidden.to_numpy())  # each block's dense width, removed blocks included
@@ -232,7 +229,7 @@ ARCHITECTURE_COLUMNS = [
 ]
 
 
-def architecture_table(arch: ArchSpec, table: CostTable | None) -> pd.DataFrame:
+def architecture_table(arch: Architecture, table: CostTable | None) -> pd.DataFrame:
     """One row per block (index "0", "1", ...), then "fixed" (stem, tokens, norm, head) and "total".
 
     Columns: mixer, kernel, MLP units kept / total and their ratio, and MACs and params dense and pruned.
@@ -243,7 +240,7 @@ def architecture_table(arch: ArchSpec, table: CostTable | None) -> pd.DataFrame:
             {
                 "mixer": list(arch.mixers),
                 "kernel": pd.array([kernel_size(m) for m in arch.mixers], dtype="Int64"),
-                "mlp_kept": pd.array([len(k) for k in arch.mlp_kept], dtype="Int64"),
+                "mlp_kept": pd.array([len(b.mlp_kept) for b in arch.blocks], dtype="Int64"),
             }
         )
         total = pd.DataFrame({"mlp_kept": pd.array([blocks.mlp_kept.sum()], dtype="Int64")}, index=["total"])

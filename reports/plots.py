@@ -12,8 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from .costs import MIXER_ORDER
-from .run_files import ArchSpec
+from supernets.architecture import MIXERS, Architecture
 
 MIXER_COLORS = {"skip": "#d9d9d9", "bconv1": "#9ecae1", "bconv3": "#3182bd", "msa": "#e6550d"}
 MLP_COLOR = "#74c476"
@@ -51,7 +50,7 @@ def block_macs(costs: pd.DataFrame) -> Figure:
     axes.bar(x + width / 2, costs.mixer_macs / scale, width, color=mixer_colors, edgecolor="white")
     axes.bar(x + width / 2, costs.mlp_macs / scale, width, bottom=costs.mixer_macs / scale, color=MLP_COLOR)
     handles = [Patch(color=DENSE_COLOR, label="dense (hatched: MLP)")]
-    handles += [Patch(color=MIXER_COLORS[m], label=f"pruned {m}") for m in MIXER_ORDER if m in set(costs.mixer)]
+    handles += [Patch(color=MIXER_COLORS[m], label=f"pruned {m}") for m in MIXERS if m in set(costs.mixer)]
     handles.append(Patch(color=MLP_COLOR, label="pruned MLP"))
     axes.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.set_xticks(x)
@@ -76,10 +75,10 @@ def mlp_ratio(costs: pd.DataFrame) -> Figure:
     return figure
 
 
-def block_map(arch: ArchSpec) -> Figure:
+def block_map(arch: Architecture) -> Figure:
     """One cell per block, coloured by its mixer and labelled with its MLP width."""
     figure, (axes,) = _figure(max(6.0, 0.55 * arch.depth), 1.3)
-    for i, (mixer, kept) in enumerate(zip(arch.mixers, arch.mlp_kept, strict=True)):
+    for i, (mixer, kept) in enumerate((b.mixer, b.mlp_kept) for b in arch.blocks):
         axes.add_patch(Rectangle((i + 0.04, 0.06), 0.92, 0.88, color=MIXER_COLORS.get(mixer, "#756bb1")))
         axes.text(i + 0.5, 0.62, mixer, ha="center", va="center", fontsize=7)
         axes.text(i + 0.5, 0.3, f"mlp {len(kept)}", ha="center", va="center", fontsize=6)

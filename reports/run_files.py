@@ -14,69 +14,14 @@ from typing import Any
 
 import pandas as pd
 
+from supernets.architecture import Architecture
+
 ARCH_EPOCH = re.compile(r"arch_epoch(\d+)\.json")
 
 
 def warn(warnings: list[str], message: str) -> None:
     """Collect `message` for the report (its Warnings section) and for the caller to show."""
     warnings.append(message)
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What a report needs of an `Architecture` (arch.json), read without the `supernets` package."""
-
-    model: str
-    img_size: int
-    num_classes: int
-    mixers: tuple[str, ...]
-    mlp_kept: tuple[tuple[int, ...], ...]  # per block, the kept hidden-unit indices
-    embed_dim: int | None = None  # the width used, for a family that searches it (T2T-ViT); None: the only one
-    groups: tuple[tuple[int, ...], ...] | None = None  # SReT: the group count per stage and pass
-
-    @property
-    def depth(self) -> int:
-        return len(self.mixers)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ArchSpec:
-        """Raise `ValueError` naming the field when `data` is not an architecture's JSON form."""
-        if not isinstance(data, dict):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        for name, kind in (("model", str), ("img_size", int), ("num_classes", int), ("blocks", list)):
-            _check_type(name, data.get(name), kind)
-        if not data["blocks"]:
-            raise ValueError("blocks: no blocks")
-        mixers, kept = [], []
-        for i, block in enumerate(data["blocks"]):
-            _check_type(f"blocks[{i}]", block, dict)
-            _check_type(f"blocks[{i}].mixer", block.get("mixer"), str)
-            _check_type(f"blocks[{i}].mlp_kept", block.get("mlp_kept"), list)
-            for j, index in enumerate(block["mlp_kept"]):
-                _check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
-            mixers.append(block["mixer"])
-            kept.append(tuple(block["mlp_kept"]))
-        if data.get("embed_dim") is not None:
-            _check_type("embed_dim", data["embed_dim"], int)
-        groups = data.get("groups")
-        if groups is not None:
-            _check_type("groups", groups, list)
-            for s, stage in enumerate(groups):
-                _check_type(f"groups[{s}]", stage, list)
-                for p, count in enumerate(stage):
-                    _check_type(f"groups[{s}][{p}]", count, int)
-            groups = tuple(tuple(stage) for stage in groups)
-        return cls(
-            data["model"], data["img_size"], data["num_classes"], tuple(mixers), tuple(kept), data.get("embed_dim"),
-            groups,
-        )  # fmt: skip
-
-
-def _check_type(field: str, value: Any, kind: type) -> None:
-    # bool is an int in Python, but `true` is never a size or an index.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        found = "nothing" if value is None else f"{type(value).__name__} {value!r:.40}"
-        raise ValueError(f"{field}: expected {kind.__name__}, got {found}")
 
 
 def read_json_object(path: Path, warnings: list[str], *, required: bool = True) -> dict[str, Any] | None:
@@ -96,10 +41,10 @@ def read_json_object(path: Path, warnings: list[str], *, required: bool = True) 
     return data
 
 
-def read_architecture(path: Path, warnings: list[str]) -> ArchSpec | None:
+def read_architecture(path: Path, warnings: list[str]) -> Architecture | None:
     try:
-        return ArchSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        return Architecture.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         warn(warnings, f"{path} is not a valid architecture ({e}); it is left out")
         return None
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import pandas as pd
 
+from supernets.architecture import Architecture
+
 from .costs import CostTable, read_cost_table
 from .run_files import (
-    ArchSpec,
     Metrics,
     latest_epoch_architecture,
     read_architecture,
@@ -56,7 +57,7 @@ class RunDir:
     config: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
     metrics: Metrics = field(default_factory=Metrics.empty)
-    arch: ArchSpec | None = None
+    arch: Architecture | None = None
     costs: CostTable | None = None
     trials: pd.DataFrame | None = None
 
@@ -74,7 +75,7 @@ class ReportRun:
         return [r for r in (self.search, self.finetune) if r is not None]
 
     @property
-    def arch(self) -> ArchSpec | None:
+    def arch(self) -> Architecture | None:
         """The searched architecture; a lone fine-tune's own."""
         return next((r.arch for r in self.parts if r.arch is not None), None)
 
@@ -144,7 +145,7 @@ def read_run_dir(path: Path, warnings: list[str]) -> RunDir:
     return run
 
 
-def _architecture(path: Path, kind: str, warnings: list[str]) -> ArchSpec | None:
+def _architecture(path: Path, kind: str, warnings: list[str]) -> Architecture | None:
     if (path / ARCH).is_file():
         return read_architecture(path / ARCH, warnings)
     latest = latest_epoch_architecture(path) if kind == SEARCH else None

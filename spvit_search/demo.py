@@ -24,7 +24,8 @@ from finetune.devices import pin_memory, resolve_device
 from lookup_tables import build_lookup_table
 from reports import write_report
 from supernets import MIXERS, Architecture, build_supernet
-from supernets.io import atomic_write_bytes, atomic_write_text, load_state_dict_file
+from supernets.checkpoints import load_state_dict_file
+from supernets.io import atomic_write_bytes, atomic_write_text
 
 from .data import build_dataset, build_loader, num_classes_of
 from .evaluation import describe_model

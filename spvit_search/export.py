@@ -32,8 +32,9 @@ from torch import nn
 from finetune.checkpoint import load_checkpoint
 from supernets import Architecture, BlockChoice, GateConfig, Subnet, Supernet, build_supernet
 from supernets.architecture import check_fields, check_type
+from supernets.checkpoints import load_state_dict_file
 from supernets.family import family_named, family_of
-from supernets.io import atomic_write_bytes, atomic_write_text, load_state_dict_file
+from supernets.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "check_onnx_exporter",

@@ -1,51 +1,57 @@
-"""The search space: `Architecture`, the shared gated and plain layers, and one folder per model family."""
+"""The search space: `Architecture`, the shared gated and plain layers, and one folder per model family.
 
-from . import families  # noqa: F401  (importing it registers every family, and our own timm entry points)
-from .architecture import MIXERS, Architecture, BlockChoice
-from .base import Subnet, Supernet
-from .families.cait.subnet import CaitSubnet
-from .families.cait.supernet import CaitSupernet
-from .families.sret.sret import SReT
-from .families.sret.subnet import SReTSubnet
-from .families.sret.supernet import SReTSupernet
-from .families.t2t_vit.subnet import T2TViTSubnet
-from .families.t2t_vit.supernet import T2TViTSupernet
-from .families.t2t_vit.t2t_vit import T2TViT
-from .families.vit.subnet import VisionTransformerSubnet
-from .families.vit.supernet import VisionTransformerSupernet
-from .family import Family, family_of, register_family, registered_families
-from .layers.gates import BinaryGates, GateConfig
-from .layers.super_block import SuperBlock
-from .layers.unified_attention import UnifiedAttention
-from .layers.unified_mlp import UnifiedMlp
-from .registry import build_supernet, check_model_name, list_supernets
+The names below load on first use (PEP 562), so that the torch-free contract (`supernets.architecture`, which the
+reports read) imports without torch. Asking for any of the families' names registers every family, and the models we
+define ourselves with timm.
+"""
 
-__all__ = [
-    "MIXERS",
-    "SReT",
-    "SReTSubnet",
-    "SReTSupernet",
-    "T2TViT",
-    "Architecture",
-    "BinaryGates",
-    "BlockChoice",
-    "CaitSubnet",
-    "CaitSupernet",
-    "Family",
-    "GateConfig",
-    "Subnet",
-    "SuperBlock",
-    "Supernet",
-    "T2TViTSubnet",
-    "T2TViTSupernet",
-    "UnifiedAttention",
-    "UnifiedMlp",
-    "VisionTransformerSubnet",
-    "VisionTransformerSupernet",
-    "build_supernet",
-    "check_model_name",
-    "family_of",
-    "list_supernets",
-    "registered_families",
-    "register_family",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "MIXERS": "architecture",
+    "Architecture": "architecture",
+    "BlockChoice": "architecture",
+    "Subnet": "base",
+    "Supernet": "base",
+    "Family": "family",
+    "family_of": "family",
+    "register_family": "family",
+    "registered_families": "family",
+    "BinaryGates": "layers.gates",
+    "GateConfig": "layers.gates",
+    "SuperBlock": "layers.super_block",
+    "UnifiedAttention": "layers.unified_attention",
+    "UnifiedMlp": "layers.unified_mlp",
+    "build_supernet": "registry",
+    "check_model_name": "registry",
+    "list_supernets": "registry",
+    "CaitSubnet": "families.cait.subnet",
+    "CaitSupernet": "families.cait.supernet",
+    "SReT": "families.sret.sret",
+    "SReTSubnet": "families.sret.subnet",
+    "SReTSupernet": "families.sret.supernet",
+    "T2TViT": "families.t2t_vit.t2t_vit",
+    "T2TViTSubnet": "families.t2t_vit.subnet",
+    "T2TViTSupernet": "families.t2t_vit.supernet",
+    "VisionTransformerSubnet": "families.vit.subnet",
+    "VisionTransformerSupernet": "families.vit.supernet",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    if _EXPORTS[name] != "architecture":
+        importlib.import_module(f"{__name__}.family").registered_families()
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

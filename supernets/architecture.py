@@ -7,8 +7,8 @@ reports draw it. Its JSON form:
      "blocks": [{"mixer": "bconv1", "mlp_kept": [0, 3, 4, 7]}, {"mixer": "msa", "mlp_kept": [0, 1, 2]}]}
 
 Family fields: a family whose search also chooses dimensions outside the blocks adds optional top-level
-fields, declared in its folder (`Family.architecture_fields`) and registered here with the check that parses
-them; they live in `extras`, are present in its architectures and absent from every other's JSON, and read as
+fields, declared in its folder's `schema.py` (pure Python, as this module is) with the check that parses them;
+they live in `extras`, are present in its architectures and absent from every other's JSON, and read as
 attributes (`arch.embed_dim`, None where absent). Depth needs no field: it is the number of `blocks`, which are
 the first blocks of the supernet. Which depths and family values a supernet offers is its `choices` (see
 `Architecture.validate_for`).
@@ -17,6 +17,9 @@ the first blocks of the supernet. Which depths and family values a supernet offe
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -42,16 +45,23 @@ def positive_int(field: str, value: Any) -> int:
     return value
 
 
-# The registered family fields, each with the check that turns its JSON value into the field's value (or raises a
-# `ValueError` naming the field), in registration order (the order of the JSON form).
-_FAMILY_FIELDS: dict[str, Callable[[str, Any], Any]] = {}
+@functools.cache
+def family_fields() -> dict[str, Callable[[str, Any], Any]]:
+    """Every family's architecture fields, each with the check that turns its JSON value into the field's value
+    (or raises a `ValueError` naming the field), in the families' order (the order of the JSON form). Read from
+    the families' torch-free `schema` modules."""
+    from .families import FAMILY_NAMES
 
-
-def register_architecture_field(name: str, check: Callable[[str, Any], Any]) -> None:
-    """Declare a family's extra top-level field (`supernets.family.register_family` calls this)."""
-    if name in _TOP_LEVEL_FIELDS or _FAMILY_FIELDS.get(name, check) is not check:
-        raise ValueError(f"architecture field {name!r} is declared twice")
-    _FAMILY_FIELDS[name] = check
+    fields: dict[str, Callable[[str, Any], Any]] = {}
+    for family in FAMILY_NAMES:
+        module = f"{__package__}.families.{family}.schema"
+        if importlib.util.find_spec(module) is None:
+            continue
+        declared = importlib.import_module(module).ARCHITECTURE_FIELDS
+        if twice := sorted(set(declared) & (set(fields) | set(_TOP_LEVEL_FIELDS))):
+            raise ValueError(f"architecture field {twice[0]!r} is declared twice")
+        fields |= declared
+    return fields
 
 
 @dataclass(frozen=True)
@@ -78,9 +88,9 @@ class Architecture:
         object.__setattr__(self, "blocks", tuple(self.blocks))
         check_type("extras", self.extras, dict)
         for name in self.extras:
-            if name not in _FAMILY_FIELDS:
+            if name not in family_fields():
                 raise ValueError(f"{name}: unknown field; no registered family declares it")
-        extras = {n: check(n, self.extras[n]) for n, check in _FAMILY_FIELDS.items() if self.extras.get(n) is not None}
+        extras = {n: check(n, self.extras[n]) for n, check in family_fields().items() if self.extras.get(n) is not None}
         object.__setattr__(self, "extras", extras)
         check_type("model", self.model, str)
         if not self.model:
@@ -97,7 +107,7 @@ class Architecture:
 
     def __getattr__(self, name: str) -> Any:
         # Only for names that are not attributes: a registered family field reads as its value, or None.
-        if name in _FAMILY_FIELDS:
+        if name in family_fields():
             return self.__dict__.get("extras", {}).get(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -138,7 +148,7 @@ class Architecture:
             raise ValueError(
                 f"num_classes: architecture is for {self.num_classes} classes, the supernet has {num_classes}"
             )
-        for name in _FAMILY_FIELDS:
+        for name in family_fields():
             value, offered = getattr(self, name), choices.get(name)
             if offered is None and value is not None:
                 raise ValueError(f"{name}: '{model}' has no {name} choice, but the architecture sets {_json(value)}")
@@ -169,7 +179,7 @@ class Architecture:
         """Build from parsed JSON, checking the schema field by field."""
         if not isinstance(data, dict):
             raise ValueError(f"architecture must be a JSON object, got {type(data).__name__}")
-        check_fields("", data, _TOP_LEVEL_FIELDS, optional=tuple(_FAMILY_FIELDS))
+        check_fields("", data, _TOP_LEVEL_FIELDS, optional=tuple(family_fields()))
         blocks_data = data["blocks"]
         check_type("blocks", blocks_data, list)
         blocks = []
@@ -181,7 +191,7 @@ class Architecture:
             for j, index in enumerate(b["mlp_kept"]):
                 check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
             blocks.append(BlockChoice(b["mixer"], tuple(b["mlp_kept"])))
-        extras = {name: data[name] for name in _FAMILY_FIELDS if name in data}
+        extras = {name: data[name] for name in family_fields() if name in data}
         return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks), extras)
 
     def to_json(self) -> str:

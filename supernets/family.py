@@ -12,11 +12,14 @@ what it adds.
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import timm
 from torch import nn
+
+from .families import FAMILY_NAMES
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +35,6 @@ class Family:
     supernet_class: ClassVar[type[Supernet]]
     subnet_class: ClassVar[type[Subnet]]
     source_classes: ClassVar[tuple[type[nn.Module], ...]]  # the timm model classes it converts
-    timm_modules: ClassVar[tuple[str, ...]]  # the timm modules whose models may be this family's
     # Its extra top-level `Architecture` fields, each with the check that parses its JSON value.
     architecture_fields: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}
     spvit_formula: ClassVar[bool] = False  # whether the `spvit` convention's formula describes its models
@@ -45,6 +47,11 @@ class Family:
     def accepts(self, model: nn.Module) -> bool:
         """Whether `model` is one of this family's timm models (it may still be unsupported)."""
         return type(model) in self.source_classes
+
+    @property
+    def timm_modules(self) -> tuple[str, ...]:
+        """The timm modules whose models may be this family's: by default the one named as the family."""
+        return (str(self.name),)
 
     def model_names(self) -> list[str]:
         """Every timm model name this family might convert (each is checked by building it)."""
@@ -118,16 +125,15 @@ def register_family(family: Family) -> Family:
     if any(f.name == family.name for f in _FAMILIES):
         raise ValueError(f"family {family.name!r} is registered twice")
     _FAMILIES.append(family)
-    for name, check in family.architecture_fields.items():
-        from .architecture import register_architecture_field
-
-        register_architecture_field(name, check)
     _family_of_name.cache_clear()
     return family
 
 
 def registered_families() -> list[Family]:
-    """Every registered family; the plain ViT family, which accepts what no other does, last."""
+    """Every registered family; the plain ViT family, which accepts what no other does, last. The first call
+    imports every family's folder (importing a family registers it, and our own models with timm)."""
+    for name in FAMILY_NAMES:
+        importlib.import_module(f"{__package__}.families.{name}.family")
     return sorted(_FAMILIES, key=lambda f: f.name is None)
 
 

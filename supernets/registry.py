@@ -12,8 +12,8 @@ import timm
 import torch
 from torch import nn
 
+from .checkpoints import load_state_dict_file
 from .family import family_of_model, registered_families
-from .io import load_state_dict_file
 from .layers.gates import GateConfig
 
 if TYPE_CHECKING:

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,15 @@ def test_sret_report_prices_the_architecture_group_splits(tmp_path):
     assert frame.loc["total", "macs"] == lut.flops(arch)
     assert frame.loc["total", "dense_macs"] == lut.flops(dense) == lut.dense_flops()
     assert frame.loc["total", "params"] == lut.params(arch)
+
+
+def test_reports_read_architectures_without_torch():
+    """Reports import the torch-free contract, family fields included, instead of a copy of `Architecture`."""
+    frozen = Path(__file__).parent / "data" / "frozen_v1"
+    code = (
+        "import sys; from pathlib import Path; from reports.run_files import read_architecture; warnings = []; "
+        f"arch = read_architecture(Path({str(frozen / 'subnet_sret' / 'arch.json')!r}), warnings); "
+        "assert arch.groups == ((4, 2), (2, 1), (1, 1)) and not warnings, warnings; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

@@ -24,7 +24,7 @@ from spvit_search.export import load_search_supernet, load_subnet
 from spvit_search.finetuning import FinetuneConfig
 from spvit_search.search import SearchConfig
 from supernets import Architecture, build_supernet
-from supernets.io import load_state_dict_file
+from supernets.checkpoints import load_state_dict_file
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_PACKAGES = ("spvit_search", "supernets", "lookup_tables", "finetune", "reports", "benchmarks")

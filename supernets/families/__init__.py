@@ -1,5 +1,5 @@
-"""One folder per model family; importing this package registers every family with `supernets.family`."""
+"""One folder per model family. Pure Python: `supernets.family` imports each family's `family` module (which
+registers it) when the families are first asked for, and `supernets.architecture` each one's `schema` module (its
+architecture fields, torch-free) when a family field is first read."""
 
-from . import cait, sret, t2t_vit, vit
-
-__all__ = ["cait", "sret", "t2t_vit", "vit"]
+FAMILY_NAMES = ("cait", "sret", "t2t_vit", "vit")

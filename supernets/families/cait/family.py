@@ -17,7 +17,6 @@ class CaitFamily(Family):
     supernet_class = CaitSupernet
     subnet_class = CaitSubnet
     source_classes = (Cait,)
-    timm_modules = ("cait",)
 
     def unsupported(self, model: nn.Module) -> list[str]:
         return unsupported_cait_features(model)

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architecture import Architecture, positive_int
+from ...architecture import Architecture
 from ...family import Family, register_family
+from .schema import ARCHITECTURE_FIELDS
 from .space import SReTSpace
 from .sret import SReT, sret_checkpoint_filter, sret_variants
 from .subnet import SReTSubnet
@@ -20,26 +21,11 @@ from .supernet import SReTSupernet
 _GROUP_CHOICE = re.compile(r"groups\[(\d+)\]\[(\d+)\]=(\d+)")  # an extra msa row's `choice`: stage, pass, G
 
 
-def group_counts(field: str, value: Any) -> tuple[tuple[int, ...], ...]:
-    """The group splits: per stage, one positive group count per pass (lists in JSON, tuples once parsed)."""
-    if not isinstance(value, list | tuple) or not value:
-        raise ValueError(f"{field}: expected a non-empty list with the group counts of each stage, got {value!r:.40}")
-    stages = []
-    for s, counts in enumerate(value):
-        if not isinstance(counts, list | tuple) or not counts:
-            raise ValueError(f"{field}[{s}]: expected a non-empty list with a group count per pass, got {counts!r:.30}")
-        stages.append(tuple(positive_int(f"{field}[{s}][{p}]", g) for p, g in enumerate(counts)))
-    return tuple(stages)
-
-
 class SReTFamily(Family):
     supernet_class = SReTSupernet
     subnet_class = SReTSubnet
     source_classes = (SReT,)
-    timm_modules = ("sret",)
-    # The sliced attention's group count per stage and pass (`[[8, 2], [4, 1], [1, 1]]`); the `blocks` are the
-    # distinct blocks, each shared by the passes of its stage.
-    architecture_fields = {"groups": group_counts}
+    architecture_fields = ARCHITECTURE_FIELDS
 
     def structure_kwargs(self, name: str) -> dict[str, Any]:
         return {}  # depth is per stage, and a whole SReT is small

@@ -1,5 +1,1 @@
-"""The t2t_vit family; importing it registers it (`family.FAMILY`)."""
-
-from .family import FAMILY
-
-__all__ = ["FAMILY"]
+"""The t2t_vit family (`family.py` registers it; `supernets.family.registered_families` imports it)."""

@@ -6,8 +6,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ...architecture import Architecture, positive_int
+from ...architecture import Architecture
 from ...family import Family, register_family
+from .schema import ARCHITECTURE_FIELDS
 from .space import T2TSpace
 from .subnet import T2TViTSubnet
 from .supernet import T2TViTSupernet
@@ -18,9 +19,7 @@ class T2TViTFamily(Family):
     supernet_class = T2TViTSupernet
     subnet_class = T2TViTSubnet
     source_classes = (T2TViT,)
-    timm_modules = ("t2t_vit",)
-    # The width used (num_heads × the supernet's head width) and the attention heads of every block.
-    architecture_fields = {"embed_dim": positive_int, "num_heads": positive_int}
+    architecture_fields = ARCHITECTURE_FIELDS
 
     def subnet_state_dict(self, net: T2TViTSupernet, arch: Architecture) -> dict[str, torch.Tensor]:
         """The first `arch.embed_dim` channels of the stem, tokens, norm and head, and of every kept block."""
