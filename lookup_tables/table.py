@@ -280,8 +280,8 @@ def build_lookup_table(net: nn.Module, convention: str = "fvcore") -> LookupTabl
     if any(p.device.type not in ("cpu", "meta") for p in net.parameters()):
         net = copy.deepcopy(net).cpu()
     meta = {k: v for k, v in net.config().items() if k in _META_FIELDS} | {"convention": convention}
-    if net.discrete_choices():
-        meta[CHOICES] = net.discrete_choices()
+    if choices := net.discrete_choices():
+        meta[CHOICES] = choices
     family = family_of(net)
     if convention == "spvit":
         rows = spvit_rows(net)

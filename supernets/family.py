@@ -17,16 +17,17 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import timm
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from .families import FAMILY_NAMES
+from .search_space import BlockwiseSpace
 
 if TYPE_CHECKING:
     import torch
 
     from .architecture import Architecture
     from .base import Subnet, Supernet
-    from .search_space import BlockwiseSpace
 
 
 class Family:
@@ -68,8 +69,6 @@ class Family:
 
     def checkpoint_filter(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """A timm-format state dict adapted to `model` (e.g. position embeddings resampled to its image size)."""
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
         return checkpoint_filter_fn(state, model)
 
     def subnet_state_dict(self, net: Supernet, arch: Architecture) -> dict[str, torch.Tensor]:
@@ -82,8 +81,6 @@ class Family:
 
     def search_space(self, net: Supernet, mixers: Iterable[str], mlp_ratios: Iterable[float]) -> BlockwiseSpace:
         """The Optuna search's discrete space over `net`."""
-        from .search_space import BlockwiseSpace
-
         return BlockwiseSpace(net, mixers, mlp_ratios)
 
     # -- the lookup table -------------------------------------------------------------------------
