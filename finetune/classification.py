@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .devices import accumulation_dtype, to_device
+from .distillation import DistillationLoss
 from .distributed import DistributedContext
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, Task
 from .optim import adamw, weight_decay_groups
 from .schedule import warmup_cosine
 
@@ -43,33 +44,31 @@ def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 100 * (logits.argmax(1) == targets).float().mean()
 
 
-class ClassificationTask:
-    """Cross-entropy with optional label smoothing; validation top-1/top-5."""
+class ClassificationTask(Task):
+    """Cross-entropy against the labels, distilled from a frozen teacher's logits when `loss` asks for it;
+    validation top-1/top-5."""
 
-    def __init__(self, val_loader: DataLoader, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, val_loader: DataLoader, loss: DistillationLoss | None = None, teacher: nn.Module | None = None
+    ) -> None:
         self.val_loader = val_loader
-        self.label_smoothing = label_smoothing
+        self.loss = loss if loss is not None else DistillationLoss("none")
+        if self.loss.kind != "none" and teacher is None:
+            raise ValueError(f"'{self.loss.kind}' distillation needs a teacher")
+        self.teacher = teacher
 
-    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         images, targets = batch
         logits = model(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        return loss, {"acc1": top1_accuracy(logits, targets)}
-
-    def after_step(self, metrics: dict[str, float]) -> None:
-        pass
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        loss, parts = self.loss(logits, targets, teacher_logits)
+        return loss, {**parts, "acc1": top1_accuracy(logits, targets)}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_classifier(model, self.val_loader)
-
-    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def train_classifier(
@@ -95,7 +94,7 @@ def train_classifier(
     scheduler = warmup_cosine(optimizer, steps, warmup_epochs * len(train_loader))
     engine = Engine(
         model,
-        ClassificationTask(val_loader, label_smoothing),
+        ClassificationTask(val_loader, DistillationLoss("none", label_smoothing=label_smoothing)),
         {"weights": optimizer},
         {"weights": scheduler},
         train_loader,

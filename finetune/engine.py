@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,26 +50,36 @@ class TrainingInterrupted(RuntimeError):
     """SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written."""
 
 
-class Task(Protocol):
+class Task:
+    """What a training step computes and what an epoch's end decides. The defaults keep no state, never stop
+    early and do nothing after a step; a task defines `training_step` and `evaluate`, and `save_model` when the
+    engine keeps best and last models."""
+
     def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Loss of one batch (already on the device) and the metrics to log for it, as device tensors (never read
         them on the host: that would stall the device every step); `model` may be wrapped in DDP or compiled."""
+        raise NotImplementedError
 
     def after_step(self, metrics: dict[str, torch.Tensor | float]) -> None:
         """Called after the optimizers stepped (e.g. to update a Lagrange multiplier)."""
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics of the unwrapped model, which is in eval mode."""
+        raise NotImplementedError
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Act on an epoch's validation metrics; True stops training early."""
+        return False
 
     def save_model(self, model: nn.Module, name: str) -> None:
         """Write the evaluated model as `name` ("best" or "last"); called only with `best_metric` set."""
+        raise NotImplementedError(f"{type(self).__name__} does not save models; leave best_metric unset")
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
     # Optional: `state_metrics() -> dict[str, torch.Tensor | float]`, the task's state (e.g. λ, gate probabilities)
     # logged as it is at every log point, rather than averaged over the steps like the step metrics.

@@ -1,14 +1,23 @@
-"""The cost model: MACs and parameters per block and per choice of the search space."""
+"""The cost model: MACs and parameters per block and per choice of the search space.
 
-from .cost import differentiable_flops
-from .counting import count_macs, count_macs_by_operator
-from .table import CONVENTIONS, LookupTable, build_lookup_table
+The names below load on first use (PEP 562), so that the table file's format (`lookup_tables.table_format`,
+which the reports read) imports without torch.
+"""
 
-__all__ = [
-    "CONVENTIONS",
-    "LookupTable",
-    "build_lookup_table",
-    "count_macs",
-    "count_macs_by_operator",
-    "differentiable_flops",
-]
+from __future__ import annotations
+
+from supernets.lazy import lazy_exports
+
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "CONVENTIONS": "table",
+    "LookupTable": "table",
+    "build_lookup_table": "table",
+    "count_macs": "counting",
+    "count_macs_by_operator": "counting",
+    "differentiable_flops": "cost",
+}
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

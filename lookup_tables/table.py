@@ -5,21 +5,18 @@ its mixer's cost, the MLP branch's width-independent cost and a per-kept-unit co
 
 A supernet with choices outside its blocks records them in the header (`discrete_choices`: depths, widths,
 head counts...). One with width choices is priced at each embedding width its family lists
-(`Family.table_widths`): the `width` column names the width of a row (0 in a table of one width, and in tables
-written before the column was), and a subnet of depth d costs the fixed part plus its first d blocks at its
-width.
+(`Family.table_widths`), and a subnet of depth d costs the fixed part plus its first d blocks at its width.
 
 A block applied several times per forward (a recursive family) costs the sum of its applications. A family whose
-choices change the msa candidate's cost per pass adds extra msa rows per block (`Family.extra_block_rows`, item
-`msa_groups`), and says which of them price an architecture's msa (`Family.msa_row_choices`); the `msa` mixer
-row, their sum at the supernet's own choices, is what the gradient search prices.
+choices change the msa candidate's cost per pass adds extra msa rows per block (`Family.extra_block_rows`); the
+`msa` mixer row, their sum at the supernet's own choices, is what the gradient search prices. The file format
+and how its rows select an architecture's costs are in `table_format`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -33,24 +30,26 @@ import torch
 from torch import nn
 
 from supernets import MIXERS, Architecture, BlockChoice
-from supernets.architecture import check_type
 from supernets.family import Family, family_of, family_of_model_name
 from supernets.io import atomic_write_text
 
 from .counting import count_macs, count_macs_by_child, fixed_rows
 from .spvit_formula import spvit_rows
+from .table_format import (
+    CHOICES,
+    COLUMNS,
+    EXTRA_MSA,
+    FORMAT,
+    FORMAT_VERSION,
+    META_TYPES,
+    WIDTH,
+    dearest_selection,
+    read_table_text,
+    selected_rows,
+    table_width,
+)
 
 CONVENTIONS = ("fvcore", "core", "spvit")
-FORMAT = "spvit-search lookup table"
-FORMAT_VERSION = 1
-COLUMNS = ["block", "item", "choice", "macs", "params", "units"]
-_META_FIELDS = ("model", "img_size", "num_classes", "model_kwargs", "convention")
-_META_TYPES = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "convention": str}
-CHOICES = "discrete_choices"  # the optional header field of a supernet with choices outside its blocks
-WIDTH = "width"  # the optional column: the embedding width a row prices (0: the supernet's only one)
-# The `item` of a family's extra msa rows, each pricing one pass of a block's msa at one option of the family's
-# choice (named after the first choice that needed them, the group splits).
-EXTRA_MSA = "msa_groups"
 
 
 class LookupTable:
@@ -64,7 +63,7 @@ class LookupTable:
 
     def __init__(self, meta: dict[str, Any], frame: pd.DataFrame) -> None:
         self.device_costs: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # `differentiable_flops`' constants
-        self.meta = {k: meta[k] for k in (*_META_FIELDS, CHOICES) if k in meta}
+        self.meta = {k: meta[k] for k in (*META_TYPES, CHOICES) if k in meta}
         if self.meta["convention"] not in CONVENTIONS:
             raise ValueError(f"convention '{self.meta['convention']}': expected one of {', '.join(CONVENTIONS)}")
         if WIDTH not in frame.columns:
@@ -134,7 +133,7 @@ class LookupTable:
             mlp_hidden=self.mlp_hidden.tolist(),
             choices=self.meta.get(CHOICES),
         )
-        if self.family.table_width(arch) not in self._by_width:
+        if table_width(arch) not in self._by_width:
             raise ValueError(f"embed_dim: the lookup table prices widths {', '.join(map(str, self._by_width))} only")
 
     def check_supernet(self, net: nn.Module) -> None:
@@ -183,7 +182,7 @@ class LookupTable:
         mixer_max = self.mixer_macs.max(axis=1)
         if not full_size:  # msa at its dearest family choices
             for block, rows in self.extra_msa.items():
-                mixer_max[block] = max(mixer_max[block], self.family.dearest_msa(rows))
+                mixer_max[block] = max(mixer_max[block], dearest_selection(rows))
         base = self.fixed_macs + int(self.mlp_fixed_macs.sum())
         high = base + int(mixer_max.sum() + (self.mlp_unit_macs * self.mlp_hidden).sum())
         return low, high
@@ -200,7 +199,7 @@ class LookupTable:
         macs = self.mixer_macs[np.arange(arch.depth), mixers]
         for block in np.flatnonzero(mixers == MIXERS.index("msa")):
             rows = self.extra_msa.get(int(block), {})
-            chosen = self.family.msa_row_choices(arch, int(block), rows) if rows else None
+            chosen = selected_rows(arch, rows) if rows else None
             if chosen is not None:
                 macs[block] = sum(rows[c] for c in chosen)
         return macs
@@ -209,7 +208,7 @@ class LookupTable:
         """The table of `arch`'s width, and per block its mixer's index and its number of kept hidden units."""
         mixers = np.array([MIXERS.index(b.mixer) for b in arch.blocks])
         units = np.array([len(b.mlp_kept) for b in arch.blocks], dtype=np.int64)
-        return self._by_width[self.family.table_width(arch)], mixers, units
+        return self._by_width[table_width(arch)], mixers, units
 
     def _describe(self) -> str:
         m = self.meta
@@ -243,32 +242,13 @@ class LookupTable:
         if not path.is_file():
             raise FileNotFoundError(f"lookup table not found: {path}")
         try:
-            first, _, body = path.read_text(encoding="utf-8").partition("\n")
-            meta = json.loads(first.removeprefix("#").strip())
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise ValueError("not a lookup table header")
-            if meta.get("version") != FORMAT_VERSION:
-                raise ValueError(f"format version {meta.get('version')} is not {FORMAT_VERSION}")
-            frame = pd.read_csv(io.StringIO(body), keep_default_na=False)
-            for name, expected in _META_TYPES.items():
-                if name not in meta:
-                    raise ValueError(f"header: {name}: required field is missing")
-                check_type(f"header: {name}", meta[name], expected)
-            check_type(f"header: {CHOICES}", meta.get(CHOICES, {}), dict)
-            for name, values in meta.get(CHOICES, {}).items():
-                check_type(f"header: {CHOICES}.{name}", values, list)
-            missing = sorted(set(COLUMNS) - set(frame.columns))
-            if missing:
-                raise ValueError(f"missing columns {missing}")
-            table = cls(meta, frame)
-            if (table._frame[["macs", "params", "units"]] < 0).any().any():
-                raise ValueError("costs must not be negative")
+            table = cls(*read_table_text(path.read_text(encoding="utf-8")))
             if not table.depth == len(table.mixer_macs) == len(table.mlp_fixed_macs) == len(table.mlp_hidden):
                 raise ValueError(f"every one of the {table.depth} blocks needs its mixer, mlp_fixed and mlp_unit rows")
             if table.extra_msa and sorted(table.extra_msa) != list(range(table.depth)):
                 raise ValueError(f"every one of the {table.depth} blocks needs its {EXTRA_MSA} rows")
             return table
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError, pd.errors.ParserError) as e:
+        except (ValueError, KeyError, TypeError, pd.errors.ParserError) as e:
             raise ValueError(f"{path} is not a valid lookup table: {e}") from None
 
 
@@ -279,7 +259,7 @@ def build_lookup_table(net: nn.Module, convention: str = "fvcore") -> LookupTabl
         raise ValueError(f"unknown convention '{convention}'; expected one of {', '.join(CONVENTIONS)}")
     if any(p.device.type not in ("cpu", "meta") for p in net.parameters()):
         net = copy.deepcopy(net).cpu()
-    meta = {k: v for k, v in net.config().items() if k in _META_FIELDS} | {"convention": convention}
+    meta = {k: v for k, v in net.config().items() if k in META_TYPES} | {"convention": convention}
     if choices := net.discrete_choices():
         meta[CHOICES] = choices
     family = family_of(net)

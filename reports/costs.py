@@ -9,27 +9,26 @@ per-block rows of `architecture_table` and its `fixed` row therefore gives exact
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from lookup_tables.table_format import (
+    CHOICES,
+    EXTRA_MSA,
+    WIDTH,
+    WIDTH_FIELD,
+    read_table_text,
+    selected_rows,
+    table_width,
+)
 from supernets.architecture import CONV_KERNEL_SIZE, MIXERS, Architecture
 
 from .run_files import warn
 
-LUT_FORMAT = "spvit-search lookup table"
-LUT_VERSION = 1
-LUT_COLUMNS = ("block", "item", "choice", "macs", "params", "units")
-WIDTH = "width"  # the optional column of a table that prices several embedding widths (a family with width choices)
-CHOICES = "discrete_choices"  # the header field of such a table: its depths, widths and head counts
 REMOVED = "removed"  # the "mixer" of a block past a shallower architecture's depth
-MSA_GROUPS = "msa_groups"  # the item of the rows that price one pass of an msa at one option of a family's choice
-_GROUP_CHOICE = re.compile(r"groups\[(\d+)\]\[(\d+)\]=(\d+)")  # their choice: stage, pass, group count
 DENSE_MIXER = MIXERS[-1]  # the dense model's: the dearest
 
 
@@ -49,20 +48,20 @@ class CostTable:
     mlp: pd.DataFrame  # indexed by block: fixed_macs, fixed_params, unit_macs, unit_params, hidden
     width: int = 0  # the embedding width these rows price; 0 in a table of a single width
     narrower: dict[int, CostTable] = field(default_factory=dict)
-    # A family's extra msa rows: a block's msa per pass and group count (block, stage, step, groups, macs); or empty
-    msa_groups: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Per block, its extra msa rows {choice: MACs} (see `table_format`); empty for a family without them
+    extra_msa: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @property
     def depth(self) -> int:
         return len(self.mlp)
 
-    def at_width(self, width: int | None) -> CostTable:
-        """The table of embedding width `width` (None: this one)."""
-        if width is None or width == self.width:
+    def at_width(self, width: int) -> CostTable:
+        """The table of embedding width `width` (0: this one)."""
+        if width in (0, self.width):
             return self
         if width not in self.narrower:
             priced = ", ".join(map(str, sorted([*self.narrower, self.width])))
-            raise ValueError(f"embed_dim: the architecture has {width}, the table prices {priced}")
+            raise ValueError(f"{WIDTH_FIELD}: the architecture has {width}, the table prices {priced}")
         return self.narrower[width]
 
     def check(self, arch: Architecture) -> None:
@@ -75,7 +74,7 @@ class CostTable:
         depths = self.meta.get(CHOICES, {}).get("depth", [self.depth])  # a shallower subnet: the first blocks
         if arch.depth not in depths:
             raise ValueError(f"the architecture has {arch.depth} blocks, the table {' or '.join(map(str, depths))}")
-        table = self.at_width(arch.embed_dim)
+        table = self.at_width(table_width(arch))
         for block, (mixer, kept) in enumerate((b.mixer, b.mlp_kept) for b in arch.blocks):
             if (block, mixer) not in table.mixers.index:
                 raise ValueError(f"blocks[{block}].mixer: the table has no cost for '{mixer}'")
@@ -88,27 +87,8 @@ class CostTable:
 
 
 def parse_cost_table(text: str) -> CostTable:
-    """The table `LookupTable.save` writes: a `#` line of JSON metadata, then a CSV of LUT_COLUMNS."""
-    first, _, body = text.partition("\n")
-    try:
-        meta = json.loads(first.removeprefix("#").strip())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"its first line is not the JSON header ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != LUT_FORMAT:
-        raise ValueError(f"its header does not name the format '{LUT_FORMAT}'")
-    if meta.get("version") != LUT_VERSION:
-        raise ValueError(f"format version {meta.get('version')!r} is not {LUT_VERSION}")
-    # keep_default_na: the `choice` of MLP rows is an empty string, not a missing value.
-    frame = pd.read_csv(io.StringIO(body), keep_default_na=False)
-    missing = [c for c in LUT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"no column {', '.join(missing)}")
-    if WIDTH not in frame.columns:
-        frame[WIDTH] = 0
-    for column in ("block", "macs", "params", "units", WIDTH):
-        frame[column] = pd.to_numeric(frame[column], errors="raise").astype("int64")
-    frame["item"] = frame["item"].astype(str)
-    frame["choice"] = frame["choice"].astype(str)
+    """The table `LookupTable.save` writes, one `CostTable` per width."""
+    meta, frame = read_table_text(text)
     *narrower, full = sorted(set(frame[WIDTH]))
     tables = {w: _table_at_width(meta, frame[frame[WIDTH] == w], w) for w in narrower}
     return dataclasses.replace(_table_at_width(meta, frame[frame[WIDTH] == full], full), narrower=tables)
@@ -136,17 +116,10 @@ def _table_at_width(meta: dict[str, Any], frame: pd.DataFrame, width: int) -> Co
         }
     )
     fixed = frame[frame.block == -1].set_index("choice")[["macs", "params"]]
-    return CostTable(meta, fixed, mixers, mlp, width, msa_groups=_msa_groups(blocks[blocks.item == MSA_GROUPS]))
-
-
-def _msa_groups(rows: pd.DataFrame) -> pd.DataFrame:
-    parsed = []
-    for row in rows.itertuples():
-        match = _GROUP_CHOICE.fullmatch(row.choice)
-        if match is None:
-            raise ValueError(f"block {row.block}: {MSA_GROUPS} choice '{row.choice}' is not groups[s][p]=G")
-        parsed.append((row.block, *map(int, match.groups()), row.macs))
-    return pd.DataFrame(parsed, columns=["block", "stage", "step", "groups", "macs"])
+    extra_msa: dict[int, dict[str, int]] = {}
+    for row in blocks[blocks.item == EXTRA_MSA].itertuples():
+        extra_msa.setdefault(int(row.block), {})[row.choice] = int(row.macs)
+    return CostTable(meta, fixed, mixers, mlp, width, extra_msa=extra_msa)
 
 
 def read_cost_table(path: Path, warnings: list[str]) -> CostTable | None:
@@ -179,14 +152,13 @@ def block_costs(arch: Architecture, table: CostTable) -> pd.DataFrame:
     """
     table.check(arch)
     dense = block_costs_dense(table)
-    pruned = table.at_width(arch.embed_dim)
+    pruned = table.at_width(table_width(arch))
     removed = table.depth - arch.depth
     mixers = [*arch.mixers, *[REMOVED] * removed]
     chosen = pruned.mixers.loc[list(enumerate(arch.mixers))].reset_index(drop=True)
     chosen = pd.concat([chosen, pd.DataFrame({"macs": [0] * removed, "params": [0] * removed})], ignore_index=True)
-    if arch.groups is not None and not pruned.msa_groups.empty:
-        chosen["macs"] = [_msa_macs(pruned, i, arch.groups) if m == DENSE_MIXER else macs for i, (m, macs) in
-                          enumerate(zip(mixers, chosen.macs, strict=True))]  # fmt: skip
+    chosen["macs"] = [_mixer_macs(pruned, arch, i, mixer, macs) for i, (mixer, macs) in
+                      enumerate(zip(mixers, chosen.macs, strict=True))]  # fmt: skip
     kept = pd.Series([len(b.mlp_kept) for b in arch.blocks] + [0] * removed, dtype="int64")
     mlp = pruned.mlp.reset_index(drop=True)
     mlp = pd.concat([mlp.iloc[: arch.depth], mlp.iloc[arch.depth :].assign(fixed_macs=0, fixed_params=0)])
@@ -210,10 +182,11 @@ def block_costs(arch: Architecture, table: CostTable) -> pd.DataFrame:
     return costs
 
 
-def _msa_macs(table: CostTable, block: int, groups: tuple[tuple[int, ...], ...]) -> int:
-    """Block `block`'s msa summed over its passes, each at the architecture's group count for it."""
-    rows = table.msa_groups[table.msa_groups.block == block]
-    return sum(int(r.macs) for r in rows.itertuples() if groups[r.stage][r.step] == r.groups)
+def _mixer_macs(table: CostTable, arch: Architecture, block: int, mixer: str, macs: int) -> int:
+    """Block `block`'s mixer MACs: an msa's by the extra rows the architecture selects, where it selects any."""
+    rows = table.extra_msa.get(block, {})
+    chosen = selected_rows(arch, rows) if mixer == DENSE_MIXER and rows else None
+    return macs if chosen is None else sum(rows[c] for c in chosen)
 
 
 ARCHITECTURE_COLUMNS = [
@@ -252,7 +225,7 @@ def architecture_table(arch: Architecture, table: CostTable | None) -> pd.DataFr
         dense_params=costs.dense_mixer_params + costs.dense_mlp_params,
         params=costs.mixer_params + costs.mlp_params,
     )
-    pruned = table.at_width(arch.embed_dim)
+    pruned = table.at_width(table_width(arch))
     fixed = pd.DataFrame(
         {
             "dense_macs": int(table.fixed.macs.sum()),

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.classification import evaluate_classifier, top1_accuracy
+from finetune.classification import ClassificationTask, evaluate_classifier
 from finetune.devices import pin_memory
 from finetune.distillation import DistillationLoss
 from finetune.engine import Engine, EngineConfig
@@ -88,7 +88,7 @@ class FinetuneConfig(
     model_ema_decay: float = optim_setting(0.9998, help="decay of the weights' EMA")
 
 
-class DistillationTask:
+class DistillationTask(ClassificationTask):
     """The student's loss against the labels and the teacher's logits; saves best/last as subnet dirs."""
 
     def __init__(
@@ -99,39 +99,12 @@ class DistillationTask:
         out_dir: Path,
         source: dict[str, Any] | None,
     ) -> None:
-        self.teacher = teacher
-        self.loss = loss
-        self.val_loader = val_loader
+        super().__init__(val_loader, loss, teacher)
         self.out_dir = out_dir
         self.source = source
 
-    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images, targets = batch
-        logits = model(images)
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(images)
-        loss, parts = self.loss(logits, targets, teacher_logits)
-        return loss, {**parts, "acc1": top1_accuracy(logits, targets)}
-
-    def after_step(self, metrics: dict[str, float]) -> None:
-        pass
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate_classifier(model, self.val_loader)
-
-    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
-        return False
-
     def save_model(self, model: nn.Module, name: str) -> None:
         save_subnet(model, self.out_dir / name, source=self.source)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def run_finetune(config: FinetuneConfig, resume: bool = False) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.checkpoint import save_checkpoint
-from finetune.classification import evaluate_classifier, top1_accuracy
+from finetune.classification import ClassificationTask, evaluate_classifier
 from finetune.devices import pin_memory
 from finetune.distillation import DistillationLoss
 from finetune.distributed import DistributedContext
@@ -99,8 +99,9 @@ class SearchConfig(
     sync_gates: bool = optim_setting(False, help="DDP: the same gate draws on every rank instead of one per rank")
 
 
-class SearchTask:
-    """One search step: cross-entropy plus the complexity loss of the gates' MACs."""
+class SearchTask(ClassificationTask):
+    """One search step: the classification loss (distilled from the dense supernet) plus the complexity loss of the
+    gates' MACs."""
 
     def __init__(
         self,
@@ -113,36 +114,27 @@ class SearchTask:
         context: DistributedContext,
         gate_generator: torch.Generator,
     ) -> None:
+        loss = DistillationLoss(
+            config.distillation, config.distillation_alpha, config.distillation_tau, config.label_smoothing
+        )
+        super().__init__(val_loader, loss, dense_teacher(net) if config.distillation != "none" else None)
         self.net = net
         self.lut = lut
         self.complexity = complexity
-        self.val_loader = val_loader
         self.config = config
         self.out_dir = out_dir
         self.context = context
         self.gate_generator = gate_generator
         self.on_target_streak = 0
-        self.loss = DistillationLoss(
-            config.distillation, config.distillation_alpha, config.distillation_tau, config.label_smoothing
-        )
-        self.teacher = dense_teacher(net) if config.distillation != "none" else None
 
     def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        images, targets = batch
-        logits = model(images)
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(images)
-        loss, parts = self.loss(logits, targets, teacher_logits)
+        loss, metrics = super().training_step(model, batch)
         flops = differentiable_flops(self.net, self.lut, self.config.estimator)  # float64, outside autocast's reach
         complexity = self.complexity(flops)
-        metrics = {
-            **parts,
+        metrics |= {
             "complexity": complexity.detach(),
             "macs": flops.detach(),
             "target_macs": float(self.complexity.target),
-            "acc1": top1_accuracy(logits, targets),
         }
         return loss + complexity.to(loss.dtype), metrics
 
@@ -157,7 +149,7 @@ class SearchTask:
         # Fixed for the pass over the val set: the gates are read once, not per block and batch.
         self.net.fix_architecture(arch)
         try:
-            metrics = evaluate_classifier(model, self.val_loader)
+            metrics = super().evaluate(model)
         finally:
             self.net.release_architecture()
         metrics["macs"] = float(self.lut.flops(arch))

@@ -138,6 +138,8 @@ class SettingsHelpFormatter(argparse.HelpFormatter):
             return text
         if action.required:
             shown = "required"
+        elif unless := getattr(action, "required_unless", None):
+            shown = f"required unless {' or '.join(unless)} is given"
         elif action.default is None and flag.default_text is not None:
             shown = f"default: {flag.default_text}"
         else:
@@ -265,6 +267,10 @@ def add_settings(parser: SettingsParser, *configs: type, settings_file: bool = T
             action = _add_flag(container, field, flag, hints[field.name])
             parser.settings[field.name] = action
             parser.setting_types[field.name] = hints[field.name]
+    for one_of in exclusive.values():
+        if one_of.required:
+            for action in one_of._group_actions:
+                action.required_unless = [a.option_strings[0] for a in one_of._group_actions if a is not action]
     if settings_file:
         parser.add_argument(
             CONFIG_FLAG, metavar="FILE", default=None,
@@ -296,8 +302,8 @@ def _add_flag(container: Any, field: dataclasses.Field, flag: Flag, hint: Any) -
     action.help = flag.help  # BooleanOptionalAction appends its own default; the formatter writes every one
     action.setting = flag
     for option, value in flag.shortcuts:
-        container.add_argument(option, dest=field.name, action="store_const", const=value,
-                               help=f"the same as {action.option_strings[0]} {format_value(value)}")  # fmt: skip
+        same = f"the same as {action.option_strings[0]} {format_value(value)} (default: off)"
+        container.add_argument(option, dest=field.name, action="store_const", const=value, help=same)
     return action
 
 

@@ -8,7 +8,8 @@ define ourselves with timm.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+from .lazy import lazy_exports
 
 # Each public name and the module that defines it.
 _EXPORTS = {
@@ -43,15 +44,9 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    if _EXPORTS[name] != "architecture":
+def _register_families(module: str) -> None:
+    if module != "architecture":
         importlib.import_module(f"{__name__}.family").registered_families()
-    globals()[name] = value
-    return value
 
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _register_families)

@@ -1,4 +1,5 @@
-"""Tensor-only checkpoint loading: safetensors, or a pickle read with `weights_only=True`."""
+"""State dicts: tensor-only checkpoint loading (safetensors, or a pickle read with `weights_only=True`), and
+naming a submodule's state as its parent does."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from safetensors.torch import load_file
 
 # Containers that training scripts (timm, DeiT, ours) wrap a state dict in, most specific first.
 _STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+
+
+def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with `prefix` before every key: a submodule's state as its parent names it."""
+    return {prefix + k: v for k, v in state.items()}
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

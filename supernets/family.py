@@ -20,13 +20,14 @@ import timm
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
+from .checkpoints import prefixed
 from .families import FAMILY_NAMES
 from .search_space import BlockwiseSpace
 
 if TYPE_CHECKING:
     import torch
 
-    from .architecture import Architecture
+    from .architecture import Architecture, BlockChoice
     from .base import Subnet, Supernet
 
 
@@ -72,12 +73,20 @@ class Family:
         return checkpoint_filter_fn(state, model)
 
     def subnet_state_dict(self, net: Supernet, arch: Architecture) -> dict[str, torch.Tensor]:
-        """The state dict of `arch`'s subnet, from `net`'s weights: the stem and head as they are, and each
-        block's state for its choice."""
-        state = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}
+        """The state dict of `arch`'s subnet, from `net`'s weights: its stem and head, and each kept block's state
+        for its choice."""
+        state = self.stem_and_head_state(net, arch)
         for i, (block, choice) in enumerate(zip(net.blocks[: arch.depth], arch.blocks, strict=True)):
-            state |= prefixed(f"blocks.{i}.", block.subnet_state(choice))
+            state |= prefixed(f"blocks.{i}.", self.block_state(block, choice, arch))
         return state
+
+    def stem_and_head_state(self, net: Supernet, arch: Architecture) -> dict[str, torch.Tensor]:
+        """Everything of `net` outside its blocks, as it is."""
+        return {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.")}
+
+    def block_state(self, block: nn.Module, choice: BlockChoice, arch: Architecture) -> dict[str, torch.Tensor]:
+        """A supernet block's plain-subnet state for `choice`."""
+        return block.subnet_state(choice)
 
     def search_space(self, net: Supernet, mixers: Iterable[str], mlp_ratios: Iterable[float]) -> BlockwiseSpace:
         """The Optuna search's discrete space over `net`."""
@@ -89,10 +98,6 @@ class Family:
         """The embedding widths a lookup table prices separately (0: the supernet's only one)."""
         return [0]
 
-    def table_width(self, arch: Architecture) -> int:
-        """The width whose rows price `arch` (one of `table_widths`)."""
-        return 0
-
     def smallest_architecture(self, net: Supernet, width: int) -> Architecture:
         """The dense architecture at `width` (0: the only one), whose blocks the lookup table then empties."""
         return net.dense_architecture()
@@ -103,15 +108,6 @@ class Family:
         """Lookup-table rows of block `index` beyond its mixers and MLP: `measure(branch, kwargs)` counts one
         pass of a branch with the msa mixer fixed. `msa_macs` is the block's msa row, which they must agree with."""
         return []
-
-    def msa_row_choices(self, arch: Architecture, index: int, offered: Iterable[str]) -> list[str] | None:
-        """Which of block `index`'s extra msa rows (their `choice`s, `offered`) price its msa in `arch`, summed;
-        None: its plain msa row does."""
-        return None
-
-    def dearest_msa(self, rows: Mapping[str, int]) -> int:
-        """The most a block's msa can cost over the family's choices, from its extra msa rows {choice: MACs}."""
-        return max(rows.values())
 
 
 _FAMILIES: list[Family] = []
@@ -165,7 +161,3 @@ def _family_of_name(model: str) -> Family:
 def family_of_model_name(model: str) -> Family:
     """The family of timm model `model` (by the timm module it is registered in)."""
     return _family_of_name(model)
-
-
-def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {prefix + k: v for k, v in state.items()}

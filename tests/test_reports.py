@@ -212,13 +212,25 @@ def test_sret_report_prices_the_architecture_group_splits(tmp_path):
     assert frame.loc["total", "params"] == lut.params(arch)
 
 
-def test_reports_read_architectures_without_torch():
-    """Reports import the torch-free contract, family fields included, instead of a copy of `Architecture`."""
+@pytest.mark.parametrize("family", ["sret", "t2t"])
+def test_reports_read_and_price_architectures_without_torch(family):
+    """Reports import the torch-free contract and table format, family fields included, instead of copies; what
+    they price an old table's architecture at is what `LookupTable` prices it at."""
     frozen = Path(__file__).parent / "data" / "frozen_v1"
+    arch_path, lut_path = frozen / f"subnet_{family}" / "arch.json", frozen / f"lut_{family}.csv"
     code = (
-        "import sys; from pathlib import Path; from reports.run_files import read_architecture; warnings = []; "
-        f"arch = read_architecture(Path({str(frozen / 'subnet_sret' / 'arch.json')!r}), warnings); "
-        "assert arch.groups == ((4, 2), (2, 1), (1, 1)) and not warnings, warnings; "
-        "assert 'torch' not in sys.modules, 'torch was imported'"
+        "import sys; from pathlib import Path; from reports.run_files import read_architecture; "
+        "from reports.costs import architecture_table, read_cost_table; warnings = []; "
+        f"arch = read_architecture(Path({str(arch_path)!r}), warnings); "
+        f"table = read_cost_table(Path({str(lut_path)!r}), warnings); "
+        "frame = architecture_table(arch, table); assert not warnings, warnings; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "print(frame.loc['total', 'macs'], frame.loc['total', 'params'])"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, capture_output=True, text=True
+    )
+    lut, arch = LookupTable.load(lut_path), Architecture.load(arch_path)
+    assert arch.extras  # a family field (groups, embed_dim) that prices the architecture
+    assert result.stdout.split() == [str(lut.flops(arch)), str(lut.params(arch))]
+    assert lut.flops(arch) != lut.dense_flops()

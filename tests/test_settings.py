@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, fields
 
 import pytest
@@ -67,11 +68,11 @@ def test_every_flag_of_every_command_has_help_and_a_default(command):
     parser = build_parser()._subparsers._group_actions[0].choices[command]
     formatter = parser._get_formatter()
     for action in parser._actions:
-        if action.dest in ("help", "config") or not hasattr(action, "setting"):
+        if action.dest in ("help", "config"):
             continue
         text = formatter._get_help_string(action)
         assert action.help, action.dest
-        assert "(default: " in text or "(required)" in text, action.dest
+        assert re.search(r"\((default: .+|required|required unless --[a-z-]+ is given)\)$", text), (action.dest, text)
 
 
 @pytest.mark.parametrize(

@@ -273,7 +273,7 @@ BAD_LUTS = {
     "no convention": ({"convention": None}, None, "header: convention: expected str"),
     "unknown convention": ({"convention": "guess"}, None, "convention 'guess'"),
     "negative MACs": (None, lambda body: body.replace(",mixer,msa,", ",mixer,msa,-", 1), "must not be negative"),
-    "MACs not a number": (None, lambda body: body.replace(",mixer,msa,", ",mixer,msa,x", 1), "invalid literal"),
+    "MACs not a number": (None, lambda body: body.replace(",mixer,msa,", ",mixer,msa,x", 1), "column macs: 'x"),
     "a block's rows missing": (None, lambda body: "\n".join(l for l in body.splitlines() if not l.startswith("3,")),
                                "every one of the 6 blocks needs"),
 }  # fmt: skip

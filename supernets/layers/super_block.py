@@ -11,6 +11,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..architecture import BlockChoice
+from ..checkpoints import prefixed
 from .gates import GateConfig
 from .unified_attention import UnifiedAttention
 from .unified_mlp import UnifiedMlp
@@ -87,6 +88,6 @@ class SuperBlock(nn.Module):
         state = {}
         if choice.mixer != "skip":
             state |= per_channel("norm1.", self.norm1) | per_channel("ls1.", self.ls1)
-            state |= {f"mixer.{k}": v for k, v in self.attn.plain_state(choice.mixer, dim).items()}
+            state |= prefixed("mixer.", self.attn.plain_state(choice.mixer, dim))
         state |= per_channel("norm2.", self.norm2) | per_channel("ls2.", self.ls2)
-        return state | {f"mlp.{k}": v for k, v in self.mlp.pruned_state(choice.mlp_kept, dim).items()}
+        return state | prefixed("mlp.", self.mlp.pruned_state(choice.mlp_kept, dim))

@@ -195,15 +195,15 @@ class UnifiedAttention(nn.Module):
             state["qkv.weight"] = torch.cat([qk_weight, v_weight])  # (3·A, D): q, k, v rows as timm's
             if v_bias is not None:
                 state["qkv.bias"] = torch.cat([qk_bias, v_bias])
-            norms = {f"q_norm.{k}": v for k, v in self.q_norm.state_dict().items()}
-            return state | norms | {f"k_norm.{k}": v for k, v in self.k_norm.state_dict().items()}
+            norms = self.q_norm.state_dict(prefix="q_norm.")
+            return state | norms | self.k_norm.state_dict(prefix="k_norm.")
         kernel_size = CONV_KERNEL_SIZE[mixer]
         kernel, bias, proj = self.conv_parameters(kernel_size, dim)
         state |= {"conv.weight": kernel, "proj.weight": proj}
         if bias is not None:
             state["conv.bias"] = bias
         bn = self.bn1 if kernel_size == 1 else self.bn3
-        return state | {f"bn.{k}": v for k, v in bn.state_dict().items()}
+        return state | bn.state_dict(prefix="bn.")
 
     def head_mix(self, heads: int | None = None) -> torch.Tensor:
         """s = softmax over the first `heads` heads (default: all) of z / t, per kernel tap: (heads, 9)."""

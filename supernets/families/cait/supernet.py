@@ -147,8 +147,8 @@ class CaitSuperBlock(SuperBlock):
         """Talking heads' proj_l and proj_w join msa, and the layer scales are folded away."""
         state = super().subnet_state(choice, dim)
         if choice.mixer == "msa":
-            state |= {f"mixer.proj_l.{k}": v for k, v in self.attn.proj_l.state_dict().items()}
-            state |= {f"mixer.proj_w.{k}": v for k, v in self.attn.proj_w.state_dict().items()}
+            state |= self.attn.proj_l.state_dict(prefix="mixer.proj_l.")
+            state |= self.attn.proj_w.state_dict(prefix="mixer.proj_w.")
         if choice.mixer != "skip":
             _fold_layer_scale(state, "ls1.gamma", "mixer.proj.")
         _fold_layer_scale(state, "ls2.gamma", "mlp.fc2.")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from ...entry_points import LinearClassifier, constructor_kwargs, register_variants
+from ...entry_points import LinearClassifier, drop_path_rates, init_linear_weights, linear_head, register_variants
 
 __all__ = [
     "SReT",
@@ -312,8 +312,7 @@ class SReT(LinearClassifier, nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
 
         total = sum(depth)
-        # Plain Python, not torch.linspace, so that the model also builds on the meta device.
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates = drop_path_rates(drop_path_rate, total)
         stages = []
         for s, (dim, n_heads, d, r, g) in enumerate(zip(widths, heads, depth, recursive_num, groups, strict=True)):
             if s > 0:
@@ -340,17 +339,10 @@ class SReT(LinearClassifier, nn.Module):
 
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head: nn.Module = linear_head(self.num_features, num_classes)
 
         trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear_weights)
 
     @property
     def groups(self) -> tuple[tuple[int, ...], ...]:
@@ -391,9 +383,6 @@ class SReT(LinearClassifier, nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def sret_checkpoint_filter(state: dict[str, Any], model: SReT) -> dict[str, torch.Tensor]:
     """A checkpoint's state dict for `model`: taken out of a training checkpoint's `model` or `state_dict` entry and
@@ -421,8 +410,4 @@ def sret_variants() -> dict[str, dict[str, Any]]:
     return {name: {**_SHARED, **args} for name, args in _VARIANTS.items()}
 
 
-def _create(name: str, pretrained: bool = False, **kwargs: Any) -> SReT:
-    return SReT(**{**sret_variants()[name], **constructor_kwargs(name, pretrained, kwargs)})
-
-
-register_variants(__name__, _VARIANTS, _create)
+register_variants(__name__, SReT, sret_variants())

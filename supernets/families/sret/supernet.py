@@ -29,6 +29,7 @@ from torch import nn
 
 from ...architecture import Architecture, BlockChoice
 from ...base import Supernet, check_input_size
+from ...checkpoints import prefixed
 from ...layers.gates import GateConfig
 from ...layers.unified_attention import AttentionWeights, UnifiedAttention
 from ...layers.unified_mlp import UnifiedMlp
@@ -145,12 +146,12 @@ class SReTSuperBlock(nn.Module):
         if choice.mixer == "skip":
             state = {"residual1.alpha": self.residual1.alpha}
         else:
-            state = {f"norm1.{k}": v for k, v in self.norm1.state_dict().items()}
-            state |= {f"residual1.{k}": v for k, v in self.residual1.state_dict().items()}
-            state |= {f"mixer.{k}": v for k, v in self.attn.plain_state(choice.mixer).items()}
-        state |= {f"norm2.{k}": v for k, v in self.norm2.state_dict().items()}
-        state |= {f"residual2.{k}": v for k, v in self.residual2.state_dict().items()}
-        return state | {f"mlp.{k}": v for k, v in self.mlp.pruned_state(choice.mlp_kept).items()}
+            state = self.norm1.state_dict(prefix="norm1.")
+            state |= self.residual1.state_dict(prefix="residual1.")
+            state |= prefixed("mixer.", self.attn.plain_state(choice.mixer))
+        state |= self.norm2.state_dict(prefix="norm2.")
+        state |= self.residual2.state_dict(prefix="residual2.")
+        return state | prefixed("mlp.", self.mlp.pruned_state(choice.mlp_kept))
 
     def mixer_parameters(self, mixer: str, dim: int | None = None) -> list[torch.Tensor]:
         """The parameters a subnet needs for `mixer` in this block's mixer branch; a skipped mixer keeps the

@@ -6,12 +6,12 @@ from collections.abc import Iterable
 
 import torch
 
-from ...architecture import Architecture
+from ...architecture import Architecture, BlockChoice
 from ...family import Family, register_family
 from .schema import ARCHITECTURE_FIELDS
 from .space import T2TSpace
 from .subnet import T2TViTSubnet
-from .supernet import T2TViTSupernet
+from .supernet import T2TSuperBlock, T2TViTSupernet
 from .t2t_vit import T2TViT
 
 
@@ -21,21 +21,19 @@ class T2TViTFamily(Family):
     source_classes = (T2TViT,)
     architecture_fields = ARCHITECTURE_FIELDS
 
-    def subnet_state_dict(self, net: T2TViTSupernet, arch: Architecture) -> dict[str, torch.Tensor]:
-        """The first `arch.embed_dim` channels of the stem, tokens, norm and head, and of every kept block."""
-        state = net.stem_and_head_state(arch.embed_dim)
-        for i, (block, choice) in enumerate(zip(net.blocks[: arch.depth], arch.blocks, strict=True)):
-            state |= {f"blocks.{i}.{k}": v for k, v in block.subnet_state(choice, arch.embed_dim).items()}
-        return state
+    def stem_and_head_state(self, net: T2TViTSupernet, arch: Architecture) -> dict[str, torch.Tensor]:
+        """The first `arch.embed_dim` channels of the stem, tokens, norm and head."""
+        return net.stem_and_head_state(arch.embed_dim)
+
+    def block_state(self, block: T2TSuperBlock, choice: BlockChoice, arch: Architecture) -> dict[str, torch.Tensor]:
+        """The block's state for `choice`, at the first `arch.embed_dim` channels."""
+        return block.subnet_state(choice, arch.embed_dim)
 
     def search_space(self, net: T2TViTSupernet, mixers: Iterable[str], mlp_ratios: Iterable[float]) -> T2TSpace:
         return T2TSpace(net, mixers, mlp_ratios)
 
     def table_widths(self, net: T2TViTSupernet) -> list[int]:
         return net.discrete_choices()["embed_dim"]
-
-    def table_width(self, arch: Architecture) -> int:
-        return arch.embed_dim or 0
 
     def smallest_architecture(self, net: T2TViTSupernet, width: int) -> Architecture:
         return net.dense_architecture(width)

@@ -37,7 +37,7 @@ from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ...entry_points import LinearClassifier, constructor_kwargs, register_variants
+from ...entry_points import LinearClassifier, drop_path_rates, init_linear_weights, linear_head, register_variants
 
 __all__ = [
     "PerformerTokenLayer",
@@ -226,8 +226,7 @@ class T2TViT(LinearClassifier, nn.Module):
         self.pos_embed = nn.Parameter(sinusoid_position_table(num_patches + 1, embed_dim), requires_grad=False)
         self.pos_drop = nn.Dropout(drop_rate)
 
-        # Plain Python, not torch.linspace, so that the model also builds on the meta device.
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(
             *(
                 Block(
@@ -245,17 +244,10 @@ class T2TViT(LinearClassifier, nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head: nn.Module = linear_head(embed_dim, num_classes)
 
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear_weights)
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
@@ -275,9 +267,6 @@ class T2TViT(LinearClassifier, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x[:, 0])  # (B, 1 + N, D) -> (B, D): the class token
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # The published variants; each entry only sets constructor arguments.
@@ -299,12 +288,10 @@ def t2t_vit_variants() -> dict[str, dict[str, Any]]:
     return {name: dict(args) for name, args in _VARIANTS.items()}
 
 
-def _create(name: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    note = (
-        "; the released T2T-ViT checkpoints also need their attention scale folded into the q weights "
-        "(see the supernets.families.t2t_vit.t2t_vit docstring)"
-    )
-    return T2TViT(**{**_VARIANTS[name], **constructor_kwargs(name, pretrained, kwargs, note)})
-
-
-register_variants(__name__, _VARIANTS, _create)
+register_variants(
+    __name__,
+    T2TViT,
+    _VARIANTS,
+    "; the released T2T-ViT checkpoints also need their attention scale folded into the q weights "
+    "(see the supernets.families.t2t_vit.t2t_vit docstring)",
+)

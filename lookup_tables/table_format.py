@@ -1,0 +1,114 @@
+"""The lookup-table file, read without torch: its format, its validation and the rules that price an
+architecture from its rows. `LookupTable` and the reports both read tables through this module.
+
+A table is a CSV with one leading `#` line of JSON metadata. Its rows are self-describing, so that pricing an
+architecture needs no knowledge of its family:
+- the optional `width` column names the embedding width a row prices; an architecture is priced at its
+  `embed_dim` field, and a table of one width has 0 there;
+- a block's extra msa rows (item `msa_groups`) each price one pass of its msa at one value of an architecture
+  field, their `choice` a selector `FIELD[i][j]=V` (e.g. `groups[1][0]=4`: the pass whose count is
+  `arch.groups[1][0]`, at 4). An architecture's msa costs the sum of the rows its fields select.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+from supernets.architecture import Architecture, check_type
+
+FORMAT = "spvit-search lookup table"
+FORMAT_VERSION = 1
+COLUMNS = ["block", "item", "choice", "macs", "params", "units"]
+META_TYPES = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "convention": str}
+CHOICES = "discrete_choices"  # the optional header field of a supernet with choices outside its blocks
+WIDTH = "width"  # the optional column: the embedding width a row prices (0: the supernet's only one)
+WIDTH_FIELD = "embed_dim"  # the architecture field that picks the width
+# The `item` of the extra msa rows (named after the first choice that needed them, the group splits).
+EXTRA_MSA = "msa_groups"
+_SELECTOR = re.compile(r"([a-z_]+)((?:\[\d+\])+)=(\d+)")
+
+
+def read_table_text(text: str) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The header and the rows of a table file's text, with typed columns (`width` added as 0 where absent);
+    `ValueError` saying what is wrong otherwise."""
+    first, _, body = text.partition("\n")
+    try:
+        meta = json.loads(first.removeprefix("#").strip())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"its first line is not the JSON header ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"its header does not name the format '{FORMAT}'")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"format version {meta.get('version')!r} is not {FORMAT_VERSION}")
+    for name, expected in META_TYPES.items():
+        if name not in meta:
+            raise ValueError(f"header: {name}: required field is missing")
+        check_type(f"header: {name}", meta[name], expected)
+    check_type(f"header: {CHOICES}", meta.get(CHOICES, {}), dict)
+    for name, values in meta.get(CHOICES, {}).items():
+        check_type(f"header: {CHOICES}.{name}", values, list)
+    # keep_default_na: the `choice` of MLP rows is an empty string, not a missing value.
+    frame = pd.read_csv(io.StringIO(body), keep_default_na=False)
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"missing columns {missing}")
+    if WIDTH not in frame.columns:
+        frame[WIDTH] = 0
+    for column in ("block", "macs", "params", "units", WIDTH):
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column][numbers.isna() | (numbers != numbers.round())]
+        if len(bad):
+            raise ValueError(f"line {bad.index[0] + 3}, column {column}: {bad.iloc[0]!r} is not an integer")
+        frame[column] = numbers.astype("int64")
+    if (frame[["macs", "params", "units"]] < 0).any().any():
+        raise ValueError("costs must not be negative")
+    frame["item"] = frame["item"].astype(str)
+    frame["choice"] = frame["choice"].astype(str)
+    for choice in frame.choice[frame.item == EXTRA_MSA]:
+        parse_selector(choice)
+    return meta, frame[[*COLUMNS, WIDTH]].reset_index(drop=True)
+
+
+def table_width(arch: Architecture) -> int:
+    """The width whose rows price `arch`."""
+    return getattr(arch, WIDTH_FIELD) or 0
+
+
+def parse_selector(choice: str) -> tuple[str, tuple[int, ...], int]:
+    """(field, index path, value) of an extra msa row's `choice`, e.g. `groups[1][0]=4` -> ("groups", (1, 0), 4)."""
+    match = _SELECTOR.fullmatch(choice)
+    if match is None:
+        raise ValueError(f"{EXTRA_MSA} choice '{choice}' is not FIELD[i][j]=V")
+    field, path, value = match.groups()
+    return field, tuple(int(i) for i in re.findall(r"\d+", path)), int(value)
+
+
+def selected_rows(arch: Architecture, rows: Mapping[str, int]) -> list[str] | None:
+    """The extra msa rows (their `choice`s) that `arch` selects; None where it has none of their fields, so that
+    the plain msa row prices it."""
+    chosen = []
+    for choice in rows:
+        field, path, value = parse_selector(choice)
+        current = getattr(arch, field)
+        if current is None:
+            return None
+        for i in path:
+            current = current[i]
+        if current == value:
+            chosen.append(choice)
+    return chosen
+
+
+def dearest_selection(rows: Mapping[str, int]) -> int:
+    """The most a block's msa can cost: each pass (field and index path) at its dearest value."""
+    dearest: dict[tuple[str, tuple[int, ...]], int] = {}
+    for choice, macs in rows.items():
+        field, path, _ = parse_selector(choice)
+        dearest[field, path] = max(dearest.get((field, path), 0), macs)
+    return sum(dearest.values())
