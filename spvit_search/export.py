@@ -88,7 +88,15 @@ def subnet_state_dict(net: Supernet, arch: Architecture) -> dict[str, torch.Tens
 def _assign_weights(subnet: Subnet, state: dict[str, torch.Tensor]) -> None:
     """Load `state` into a subnet built on the meta device, taking the tensors over (no copy)."""
     subnet.load_state_dict(state, assign=True)
-    # A non-persistent buffer is in no state dict: it would stay an empty meta tensor and fail in the forward.
+    # A non-persistent buffer is in no state dict: a module that computes its own (timm's protocol for models built
+    # on the meta device) computes it where the weights now are; any other would stay an empty meta tensor.
+    device = next(iter(state.values())).device
+    for module in subnet.modules():
+        meta = [name for name, b in module.named_buffers(recurse=False) if b.is_meta]
+        if meta and hasattr(module, "init_non_persistent_buffers"):
+            for name in meta:
+                setattr(module, name, torch.empty_like(getattr(module, name), device=device))
+            module.init_non_persistent_buffers()
     left = [name for name, t in [*subnet.named_parameters(), *subnet.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"the subnet's {', '.join(left[:4])} are in no state dict; the exporter must compute them")
@@ -246,8 +254,10 @@ def spvit_subnet(pretrained: bool = False, subnet_dir: str | os.PathLike | None 
 def read_released_architectures(
     path: str | os.PathLike, img_size: int = 224, num_classes: int = 1000
 ) -> dict[str, Architecture]:
-    """SPViT's released searched architectures, `{name: {model, mixers, mlp_hidden, mlp_kept}}` in JSON, as
-    `Architecture`s. They were searched on ImageNet at 224 px, hence the defaults."""
+    """SPViT's released searched architectures as `Architecture`s, from JSON `{name: {model, mixers, mlp_hidden,
+    mlp_kept}}` (one list each, a block an entry) or `{name: {model, blocks: [{mixer, mlp_hidden_full, mlp_kept}]}}`
+    (a dict a block, as the Swin release is written). They were searched on ImageNet at 224 px, hence the
+    defaults."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"released architectures not found: {path}")
@@ -264,6 +274,8 @@ def read_released_architectures(
 
 
 def _released_architecture(name: str, entry: Any, img_size: int, num_classes: int) -> Architecture:
+    if isinstance(entry, dict) and "blocks" in entry:
+        entry = _block_lists(name, entry)
     missing = [f for f in _RELEASED_FIELDS if not isinstance(entry, dict) or f not in entry]
     if missing:
         raise ValueError(f"{name}.{missing[0]}: required field is missing")
@@ -277,6 +289,20 @@ def _released_architecture(name: str, entry: Any, img_size: int, num_classes: in
     except (ValueError, TypeError) as e:
         raise ValueError(f"{name}: {e}") from None
     return arch
+
+
+def _block_lists(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """The per-block form of a released architecture as one list per field."""
+    blocks = entry["blocks"]
+    if not isinstance(blocks, list):
+        raise ValueError(f"{name}.blocks: expected a list of blocks")
+    lists: dict[str, Any] = {"model": entry.get("model"), "mixers": [], "mlp_hidden": [], "mlp_kept": []}
+    for i, block in enumerate(blocks):
+        for field, key in (("mixer", "mixers"), ("mlp_hidden_full", "mlp_hidden"), ("mlp_kept", "mlp_kept")):
+            if not isinstance(block, dict) or field not in block:
+                raise ValueError(f"{name}.blocks[{i}].{field}: required field is missing")
+            lists[key].append(block[field])
+    return {k: v for k, v in lists.items() if v is not None}
 
 
 def round_mlp(arch: Architecture, net: Supernet, multiple: int) -> Architecture:

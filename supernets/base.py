@@ -252,13 +252,18 @@ class Subnet(nn.Module):
         check_model_name(arch.model)
         kwargs = dict(model_kwargs or {})
         source = create_source_model(arch.model, img_size=arch.img_size, num_classes=arch.num_classes, **kwargs)
-        mlp_hidden = [b.mlp.fc1.out_features for b in source.blocks]  # the depth and kept indices must fit these
+        mlp_hidden = [b.mlp.fc1.out_features for b in self.source_blocks(source)]  # the architecture must fit these
         arch.validate_for(model=arch.model, img_size=arch.img_size, num_classes=arch.num_classes, mlp_hidden=mlp_hidden)
         # timm's data config (mean, std, crop) for `timm.data.resolve_model_data_config`; the grid is fixed.
         image = (source.patch_embed.proj.in_channels, arch.img_size, arch.img_size)
         data_config = {"input_size": image, "fixed_input_size": True, "num_classes": arch.num_classes}
         self.record_source(arch, kwargs, fold_bn, source.pretrained_cfg | data_config)
         return source
+
+    @staticmethod
+    def source_blocks(source: nn.Module) -> list[nn.Module]:
+        """The blocks of the family's timm model, in order (a family with stages lists them all)."""
+        return list(source.blocks)
 
     def record_source(
         self, arch: Architecture, model_kwargs: dict[str, Any], fold_bn: bool, pretrained_cfg: dict[str, Any]

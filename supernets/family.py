@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import timm
@@ -31,6 +32,17 @@ if TYPE_CHECKING:
     from .base import Subnet, Supernet
 
 
+@dataclass(frozen=True)
+class FormulaCosts:
+    """MACs by a published formula: of each part outside the blocks (by the supernet's child module), and per block
+    of each mixer, of the MLP branch without hidden units (norms included) and per kept hidden unit."""
+
+    fixed: dict[str, int]
+    mixers: list[dict[str, int]]
+    mlp_fixed: list[int]
+    mlp_unit: list[int]
+
+
 class Family:
     """A model family as the toolkit sees it. Subclasses set the class attributes and override what differs."""
 
@@ -39,7 +51,6 @@ class Family:
     source_classes: ClassVar[tuple[type[nn.Module], ...]]  # the timm model classes it converts
     # Its extra top-level `Architecture` fields, each with the check that parses its JSON value.
     architecture_fields: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}
-    spvit_formula: ClassVar[bool] = False  # whether the `spvit` convention's formula describes its models
 
     @property
     def name(self) -> str | None:
@@ -87,6 +98,11 @@ class Family:
     def block_state(self, block: nn.Module, choice: BlockChoice, arch: Architecture) -> dict[str, torch.Tensor]:
         """A supernet block's plain-subnet state for `choice`."""
         return block.subnet_state(choice)
+
+    def spvit_costs(self, net: Supernet) -> FormulaCosts | None:
+        """The MACs of the `spvit` convention, the SPViT papers' formula for the family's models; None where they
+        give none."""
+        return None
 
     def search_space(self, net: Supernet, mixers: Iterable[str], mlp_ratios: Iterable[float]) -> BlockwiseSpace:
         """The Optuna search's discrete space over `net`."""

@@ -123,9 +123,12 @@ def load_timm_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: 
     """
     state = family_of_model(model).checkpoint_filter(load_state_dict_file(path), model)
     expected = model.state_dict()
-    head_keys = {k for k in expected if k.startswith("head.")}
+    classifier = model.get_classifier()
+    head = next(f"{name}." for name, module in model.named_modules() if module is classifier)  # e.g. head.fc.
+    head_keys = {k for k in expected if k.startswith(head)}
     reinit = set()
-    if reset_head and _only_class_count_differs(state.get("head.weight"), expected.get("head.weight")):
+    weight = f"{head}weight"
+    if reset_head and _only_class_count_differs(state.get(weight), expected.get(weight)):
         warnings.warn(f"{path}: classifier head has another number of classes; it is re-initialised", stacklevel=2)
         state = {k: v for k, v in state.items() if k not in head_keys}
         reinit = head_keys

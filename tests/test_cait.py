@@ -95,7 +95,7 @@ def test_search_forward_trains_weights_and_gates(net):
 
 
 def test_spvit_convention_is_refused(net):
-    with pytest.raises(ValueError, match="formula for DeiT/ViT; price 'cait_xxs24_224' with fvcore or core"):
+    with pytest.raises(ValueError, match="no form for 'cait_xxs24_224'; price it with fvcore or core"):
         build_lookup_table(net, "spvit")
 
 

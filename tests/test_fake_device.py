@@ -27,11 +27,14 @@ from test_cait import HIDDEN as CAIT_HIDDEN
 from test_cait import MODEL as CAIT_MODEL
 from test_cait import TINY as CAIT_TINY
 from test_cait import TINY_ARCH as CAIT_ARCH
+from test_family_contract import every_mixer
 from test_sret_supernet import ARCHS as SRET_ARCHS
 from test_sret_supernet import IMG as SRET_IMG
 from test_sret_supernet import KWARGS as SRET_KWARGS
 from test_sret_supernet import MODEL as SRET_MODEL
 from test_sret_supernet import architecture as sret_architecture
+from test_swin import SWIN_T
+from test_swin import TINY as SWIN_TINY
 from test_t2t_supernet import IMG as T2T_IMG
 from test_t2t_supernet import random_architecture as t2t_architecture
 from test_t2t_supernet import tiny_supernet as t2t_supernet
@@ -75,6 +78,12 @@ FAMILIES = {
         SRET_IMG,
         lambda: build_supernet(SRET_MODEL, img_size=SRET_IMG, num_classes=CLASSES, **SRET_KWARGS),
         lambda net: [sret_architecture(net, *SRET_ARCHS[1])],  # every mixer, a sliced msa permuted
+    ),
+    # Four blocks in two stages, every mixer once; window attention shifted on blocks 1 and 3.
+    "swin": Family(
+        32,
+        lambda: build_supernet(SWIN_T, img_size=32, num_classes=CLASSES, **SWIN_TINY),
+        lambda net: [every_mixer(net.dense_architecture())],
     ),
 }
 

@@ -27,6 +27,12 @@ TINY_MODELS = {
     "cait": ("cait_xxs24_224", 16, dict(patch_size=4, embed_dim=16, depth=2, num_heads=2)),
     "t2t_vit": ("t2t_vit_7", 32, dict(embed_dim=32, depth=2, num_heads=2, token_dim=8)),
     "sret": ("sret_t", 64, dict(base_dim=8, heads=[1, 2, 4], depth=[4, 2, 2], recursive_num=[2, 1, 1])),
+    # Two stages of 16x16 and 8x8 tokens in 4x4 windows: every other block shifted.
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        32,
+        dict(patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=4),
+    ),
 }
 CLASSES = 10
 

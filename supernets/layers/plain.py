@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -164,25 +166,55 @@ class PrunedMlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))  # hidden (B, N, k)
 
 
+def plain_mixer(
+    choice: BlockChoice,
+    attn: nn.Module,
+    grid_size: tuple[int, int],
+    num_prefix_tokens: int,
+    fold_bn: bool,
+    msa: Callable[[], nn.Module],
+) -> nn.Module | None:
+    """The plain layer of `choice`'s mixer in a block whose attention is `attn`: `msa()` for msa, a
+    `BottleneckConv` shaped like `attn` for a conv, None for skip."""
+    if choice.mixer == "skip":
+        return None
+    if choice.mixer == "msa":
+        return msa()
+    return BottleneckConv.from_timm(attn, CONV_KERNEL_SIZE[choice.mixer], grid_size, num_prefix_tokens, fold_bn)
+
+
 class SubnetBlock(nn.Module):
-    """timm's pre-norm `Block` for one `BlockChoice`, taking over `block`'s norms, layer scales and drop paths
-    (pass a model built for the purpose). A skip block has no mixer branch at all (no norm1, no layer scale):
-    the residual alone, as the supernet computes it."""
+    """A pre-norm block for one `BlockChoice`: its plain `mixer` and its pruned MLP, each with its norm, layer
+    scale and drop path (taken over from a model built for the purpose). A skip block (no mixer) has no mixer
+    branch at all, no norm1 and no layer scale: the residual alone, as the supernet computes it."""
 
     def __init__(
-        self, block: Block, choice: BlockChoice, grid_size: tuple[int, int], num_prefix_tokens: int, fold_bn: bool
+        self,
+        mixer: nn.Module | None,
+        norm1: nn.Module,
+        ls1: nn.Module,
+        drop_path1: nn.Module,
+        norm2: nn.Module,
+        ls2: nn.Module,
+        drop_path2: nn.Module,
+        mlp: PrunedMlp,
     ) -> None:
         super().__init__()
-        self.mixer: nn.Module | None = None
-        if choice.mixer == "msa":
-            self.mixer = PlainAttention.from_timm(block.attn)
-        elif choice.mixer != "skip":
-            kernel_size = CONV_KERNEL_SIZE[choice.mixer]
-            self.mixer = BottleneckConv.from_timm(block.attn, kernel_size, grid_size, num_prefix_tokens, fold_bn)
-        if self.mixer is not None:
-            self.norm1, self.ls1, self.drop_path1 = block.norm1, block.ls1, block.drop_path1
-        self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
-        self.mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
+        self.mixer = mixer
+        if mixer is not None:
+            self.norm1, self.ls1, self.drop_path1 = norm1, ls1, drop_path1
+        self.norm2, self.ls2, self.drop_path2 = norm2, ls2, drop_path2
+        self.mlp = mlp
+
+    @classmethod
+    def from_timm(
+        cls, block: Block, choice: BlockChoice, grid_size: tuple[int, int], num_prefix_tokens: int, fold_bn: bool
+    ) -> Self:
+        """timm's pre-norm `Block` for `choice`: standard attention for msa (`PlainAttention`)."""
+        attn = block.attn
+        mixer = plain_mixer(choice, attn, grid_size, num_prefix_tokens, fold_bn, lambda: PlainAttention.from_timm(attn))
+        mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
+        return cls(mixer, block.norm1, block.ls1, block.drop_path1, block.norm2, block.ls2, block.drop_path2, mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, D)
         if self.mixer is not None:

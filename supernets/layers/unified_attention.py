@@ -21,7 +21,7 @@ first D'·heads/D heads, and of every weight the rows and columns of those heads
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -90,17 +90,15 @@ class UnifiedAttention(nn.Module):
         self.drawn: tuple[torch.Tensor, str] | None = None
 
     @classmethod
-    def from_timm(
-        cls, attn: Attention, grid_size: tuple[int, int], num_prefix_tokens: int, gates: GateConfig
-    ) -> UnifiedAttention:
-        """Convert timm's `Attention`, splitting its qkv projection into qk and v."""
-        dim = attn.qkv.in_features
+    def converted(cls, attn: nn.Module, grid_size: tuple[int, int], num_prefix_tokens: int, gates: GateConfig) -> Self:
+        """A unified MSA shaped like `attn`, any attention with a fused qkv and a proj layer (timm's, or a family's
+        variant of it): its qkv split into qk and v, its proj copied. A family copies what its variant adds."""
         unified = cls(
-            dim,
+            attn.qkv.in_features,
             attn.num_heads,
             grid_size,
             num_prefix_tokens,
-            head_dim=attn.head_dim,
+            head_dim=attn.proj.in_features // attn.num_heads,  # not every attention stores its head width
             qkv_bias=attn.qkv.bias is not None,
             proj_bias=attn.proj.bias is not None,
             attn_drop=attn.attn_drop.p,
@@ -109,6 +107,14 @@ class UnifiedAttention(nn.Module):
         )
         unified.load_qkv(attn.qkv)
         unified.proj = copy.deepcopy(attn.proj)
+        return unified
+
+    @classmethod
+    def from_timm(
+        cls, attn: Attention, grid_size: tuple[int, int], num_prefix_tokens: int, gates: GateConfig
+    ) -> UnifiedAttention:
+        """Convert timm's `Attention` with its q/k norms."""
+        unified = cls.converted(attn, grid_size, num_prefix_tokens, gates)
         unified.q_norm = copy.deepcopy(attn.q_norm)
         unified.k_norm = copy.deepcopy(attn.k_norm)
         return unified

@@ -15,9 +15,9 @@ import torch
 from timm.models.cait import LayerScaleBlock, TalkingHeadAttn
 from torch import nn
 
-from ...architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
+from ...architecture import Architecture, BlockChoice
 from ...base import Subnet
-from ...layers.plain import BottleneckConv, PlainAttention, PrunedMlp
+from ...layers.plain import PlainAttention, PrunedMlp, SubnetBlock, plain_mixer
 from .supernet import CaitStemAndHead, talking_heads_attention
 
 
@@ -45,29 +45,18 @@ class TalkingHeadsAttention(PlainAttention):
         return talking_heads_attention(q, k, v, self.proj_l, self.proj_w, self.attn_drop, self.training)
 
 
-class CaitSubnetBlock(nn.Module):
+def cait_subnet_block(
+    block: LayerScaleBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool
+) -> SubnetBlock:
     """CaiT's `LayerScaleBlock` for one `BlockChoice`, its layer scales folded into the branches' last linear
-    layers: talking-heads attention (msa), a bottleneck conv over all tokens (bconv1, bconv3) or no mixer branch
-    at all (skip), and a pruned MLP. Takes over `block`'s norms and drop path (pass a model built for the purpose)."""
-
-    def __init__(self, block: LayerScaleBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool) -> None:
-        super().__init__()
-        attn = block.attn
-        self.mixer: nn.Module | None = None
-        if choice.mixer == "msa":
-            self.mixer = TalkingHeadsAttention.from_timm(attn)
-        elif choice.mixer != "skip":
-            kernel_size = CONV_KERNEL_SIZE[choice.mixer]
-            self.mixer = BottleneckConv.from_timm(attn, kernel_size, grid_size, num_prefix_tokens=0, fold_bn=fold_bn)
-        if self.mixer is not None:
-            self.norm1, self.drop_path1 = block.norm1, block.drop_path
-        self.norm2, self.drop_path2 = block.norm2, block.drop_path
-        self.mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, D), patch tokens only
-        if self.mixer is not None:
-            x = x + self.drop_path1(self.mixer(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+    layers (so none is left): talking-heads attention (msa), a bottleneck conv over all tokens (bconv1, bconv3) or
+    no mixer branch at all (skip), and a pruned MLP. Takes over `block`'s norms and drop path (pass a model built
+    for the purpose)."""
+    attn = block.attn
+    mixer = plain_mixer(choice, attn, grid_size, 0, fold_bn, lambda: TalkingHeadsAttention.from_timm(attn))
+    mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
+    drop_path = block.drop_path
+    return SubnetBlock(mixer, block.norm1, nn.Identity(), drop_path, block.norm2, nn.Identity(), drop_path, mlp)
 
 
 class CaitSubnet(CaitStemAndHead, Subnet):
@@ -82,7 +71,7 @@ class CaitSubnet(CaitStemAndHead, Subnet):
         self.adopt_stem_and_head(cait, arch.model)
         self.blocks = nn.Sequential(
             *[
-                CaitSubnetBlock(block, choice, self.grid_size, fold_bn)
+                cait_subnet_block(block, choice, self.grid_size, fold_bn)
                 for block, choice in zip(cait.blocks, arch.blocks, strict=True)
             ]
         )

@@ -94,21 +94,10 @@ class TalkingHeadsUnifiedAttention(UnifiedAttention):
     def from_timm(
         cls, attn: TalkingHeadAttn, grid_size: tuple[int, int], num_prefix_tokens: int, gates: GateConfig
     ) -> TalkingHeadsUnifiedAttention:
-        """Convert timm's `TalkingHeadAttn`, splitting its qkv projection into qk and v."""
-        unified = cls(
-            attn.qkv.in_features,
-            attn.num_heads,
-            grid_size,
-            num_prefix_tokens,
-            qkv_bias=attn.qkv.bias is not None,
-            proj_bias=attn.proj.bias is not None,
-            attn_drop=attn.attn_drop.p,
-            proj_drop=attn.proj_drop.p,
-            gates=gates,
-        )
-        unified.load_qkv(attn.qkv)
-        for name in ("proj", "proj_l", "proj_w"):
-            setattr(unified, name, copy.deepcopy(getattr(attn, name)))
+        """Convert timm's `TalkingHeadAttn` with its head-mixing layers."""
+        unified = cls.converted(attn, grid_size, num_prefix_tokens, gates)
+        unified.proj_l = copy.deepcopy(attn.proj_l)
+        unified.proj_w = copy.deepcopy(attn.proj_w)
         return unified
 
     def parameters_for(self, mixer: str, dim: int | None = None) -> list[torch.Tensor]:

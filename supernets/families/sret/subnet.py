@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architecture import CONV_KERNEL_SIZE, Architecture, BlockChoice
+from ...architecture import Architecture, BlockChoice
 from ...base import Subnet, imagenet_data_config
-from ...layers.plain import BottleneckConv, PrunedMlp
+from ...layers.plain import PrunedMlp, plain_mixer
 from ...registry import create_source_model
 from .sret import SlicedAttention, SReTBlock, sret_variants
 from .supernet import SReTStemAndHead, group_choices
@@ -40,13 +40,7 @@ class SReTSubnetBlock(nn.Module):
 
     def __init__(self, block: SReTBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool) -> None:
         super().__init__()
-        attn = block.attn
-        self.mixer: nn.Module | None = None
-        if choice.mixer == "msa":
-            self.mixer = attn
-        elif choice.mixer != "skip":
-            kernel_size = CONV_KERNEL_SIZE[choice.mixer]
-            self.mixer = BottleneckConv.from_timm(attn, kernel_size, grid_size, num_prefix_tokens=0, fold_bn=fold_bn)
+        self.mixer = plain_mixer(choice, block.attn, grid_size, 0, fold_bn, lambda: block.attn)
         if self.mixer is None:
             self.residual1: nn.Module = ResidualScale()
         else:
