@@ -42,6 +42,7 @@ from .table_format import (
     FORMAT,
     FORMAT_VERSION,
     META_TYPES,
+    SKIP_MIXER,
     WIDTH,
     dearest_selection,
     read_table_text,
@@ -63,7 +64,7 @@ class LookupTable:
 
     def __init__(self, meta: dict[str, Any], frame: pd.DataFrame) -> None:
         self.device_costs: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # `differentiable_flops`' constants
-        self.meta = {k: meta[k] for k in (*META_TYPES, CHOICES) if k in meta}
+        self.meta = {k: meta[k] for k in (*META_TYPES, CHOICES, SKIP_MIXER) if k in meta}
         if self.meta["convention"] not in CONVENTIONS:
             raise ValueError(f"convention '{self.meta['convention']}': expected one of {', '.join(CONVENTIONS)}")
         if WIDTH not in frame.columns:
@@ -113,6 +114,11 @@ class LookupTable:
         return self.meta["convention"]
 
     @property
+    def skip_mixer(self) -> str:
+        """What the skip rows price: the identity (nothing) or the affine skip (its folded norm)."""
+        return self.meta.get(SKIP_MIXER, "identity")
+
+    @property
     def family(self) -> Family:
         return family_of_model_name(self.model)
 
@@ -133,6 +139,11 @@ class LookupTable:
             mlp_hidden=self.mlp_hidden.tolist(),
             choices=self.meta.get(CHOICES),
         )
+        if arch.skip_mixer != self.skip_mixer:
+            raise ValueError(
+                f"skip_mixer: the lookup table prices '{self.skip_mixer}' skips, the architecture has "
+                f"'{arch.skip_mixer}'; rebuild the table with `spvit lut --skip-mixer {arch.skip_mixer}`"
+            )
         if table_width(arch) not in self._by_width:
             raise ValueError(f"embed_dim: the lookup table prices widths {', '.join(map(str, self._by_width))} only")
 
@@ -147,6 +158,11 @@ class LookupTable:
                     f"lookup table is for {self._describe()}, but the supernet has {field}={config[field]!r}; "
                     f"rebuild the table with `spvit lut`"
                 )
+        if net.gate_config.skip_mixer != self.skip_mixer:
+            raise ValueError(
+                f"lookup table prices '{self.skip_mixer}' skips, the supernet's are "
+                f"'{net.gate_config.skip_mixer}'; rebuild the table with `spvit lut`"
+            )
         if net.mlp_hidden != self.mlp_hidden.tolist():
             raise ValueError(f"lookup table blocks do not match the supernet's ({self._describe()})")
 
@@ -260,6 +276,8 @@ def build_lookup_table(net: nn.Module, convention: str = "fvcore") -> LookupTabl
     if any(p.device.type not in ("cpu", "meta") for p in net.parameters()):
         net = copy.deepcopy(net).cpu()
     meta = {k: v for k, v in net.config().items() if k in META_TYPES} | {"convention": convention}
+    if net.gate_config.skip_mixer != "identity":
+        meta[SKIP_MIXER] = net.gate_config.skip_mixer
     if choices := net.discrete_choices():
         meta[CHOICES] = choices
     family = family_of(net)
@@ -291,7 +309,7 @@ def _measured_rows(net: nn.Module, family: Family, convention: str, embed_dim: i
             mixer_macs: dict[str, int] = {}
             for mixer in MIXERS:
                 block.attn.fixed_mixer = mixer
-                branches = [] if mixer == "skip" else [_Branch(block, "mixer_branch", kw) for kw in passes]
+                branches = [_Branch(block, "mixer_branch", kw) for kw in passes] if block.attn.has_branch(mixer) else []
                 mixer_macs[mixer] = sum(_measure(branch, x, convention) for branch in branches)
                 params = sum(p.numel() for p in block.mixer_parameters(mixer, x.shape[-1]))
                 rows.append(dict(block=i, item="mixer", choice=mixer, macs=mixer_macs[mixer], params=params))
@@ -308,7 +326,7 @@ def _measured_rows(net: nn.Module, family: Family, convention: str, embed_dim: i
             fixed_params, unit_params = block.mlp_parameter_counts(x.shape[-1])
             rows.append(dict(block=i, item="mlp_fixed", choice="", macs=mlp_at[0], params=fixed_params))
             rows.append(dict(block=i, item="mlp_unit", choice="", macs=per_unit, params=unit_params, units=hidden))
-            empty_blocks -= mlp_at[0]
+            empty_blocks -= mlp_at[0] + mixer_macs["skip"]  # an affine skip's norm stays in an empty block
     if empty_blocks != 0:
         raise RuntimeError(f"block costs are not additive: {empty_blocks} MACs of the empty blocks are unaccounted for")
     return rows

@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 COLUMNS = ["block", "item", "choice", "macs", "params", "units"]
 META_TYPES = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "convention": str}
 CHOICES = "discrete_choices"  # the optional header field of a supernet with choices outside its blocks
+SKIP_MIXER = "skip_mixer"  # the optional header field of a table whose skip rows price the affine skip
 WIDTH = "width"  # the optional column: the embedding width a row prices (0: the supernet's only one)
 WIDTH_FIELD = "embed_dim"  # the architecture field that picks the width
 # The `item` of the extra msa rows (named after the first choice that needed them, the group splits).
@@ -50,6 +51,7 @@ def read_table_text(text: str) -> tuple[dict[str, Any], pd.DataFrame]:
         if name not in meta:
             raise ValueError(f"header: {name}: required field is missing")
         check_type(f"header: {name}", meta[name], expected)
+    check_type(f"header: {SKIP_MIXER}", meta.get(SKIP_MIXER, "identity"), str)
     check_type(f"header: {CHOICES}", meta.get(CHOICES, {}), dict)
     for name, values in meta.get(CHOICES, {}).items():
         check_type(f"header: {CHOICES}.{name}", values, list)

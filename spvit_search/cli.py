@@ -8,6 +8,7 @@ in exit code 130. `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 import warnings
@@ -27,7 +28,7 @@ from .data import TrainDataConfig  # noqa: E402
 from .demo import DemoConfig  # noqa: E402
 from .finetuning import FinetuneConfig  # noqa: E402
 from .optuna_search import OptunaConfig, study_setting  # noqa: E402
-from .runs import ComputeSettings, DeviceSettings, ModelSettings, WeightsSettings  # noqa: E402
+from .runs import ComputeSettings, DeviceSettings, ModelSettings, SearchSpaceSettings, WeightsSettings  # noqa: E402
 from .search import BudgetSettings, SearchConfig  # noqa: E402
 
 EXIT_FAILED = 1
@@ -49,7 +50,7 @@ export_setting = group("export")
 
 
 @dataclass(kw_only=True)
-class LutConfig(DeviceSettings, ModelSettings):
+class LutConfig(DeviceSettings, SearchSpaceSettings, ModelSettings):
     num_classes: int | None = inherit(ModelSettings, "num_classes", default_text="the model's")
     convention: str = inherit(BudgetSettings, "convention", group="lookup table")
     out: str | None = setting(None, group="lookup table", help="CSV file to write", default_text="print only")
@@ -61,6 +62,10 @@ class ExportConfig:
     arch: str | None = export_setting(None, help="architecture JSON to export", default_text="the run's arch.json")
     out: str = export_setting(help="subnet directory to write")
     fold_bn: bool = export_setting(False, help="fold each bconv's BN into its conv, for inference")
+    skip_mixer: str | None = inherit(
+        SearchSpaceSettings, "skip_mixer", None, group="export", default_text="the run's",
+        help="export the skip blocks as identity or as affine skips (from an identity run: s = 1, t = 0, to train)",
+    )  # fmt: skip
     round_mlp: int | None = export_setting(
         None, metavar="N", default_text="none",
         help="round kept MLP widths up to a multiple of N, adding back the dropped units with the largest gate "
@@ -185,12 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run_lut(args: argparse.Namespace) -> None:
     from finetune.devices import resolve_device
     from lookup_tables import build_lookup_table
-    from supernets import build_supernet
+    from supernets import GateConfig, build_supernet
 
     config = settings_from_args(LutConfig, args)
     device = resolve_device(config.device)
+    gates = GateConfig(skip_mixer=config.skip_mixer)
     net = build_supernet(
-        config.model, img_size=config.img_size, num_classes=config.num_classes, **config.model_kwargs
+        config.model, img_size=config.img_size, num_classes=config.num_classes, gates=gates, **config.model_kwargs
     ).to(device)
     lut = build_lookup_table(net, config.convention)
     low, high = lut.range()
@@ -273,6 +279,12 @@ def run_export(args: argparse.Namespace) -> None:
             f"{macs / 1e9:.4f} -> {lut.flops(rounded) / 1e9:.4f} GMACs"
         )
         arch, macs = rounded, lut.flops(rounded)
+    if config.skip_mixer not in (None, arch.skip_mixer):
+        print(
+            f"--skip-mixer {config.skip_mixer}: the run's skip blocks are {arch.skip_mixer}; its lut.csv prices those"
+        )
+        net.set_skip_mixer(config.skip_mixer)
+        arch = dataclasses.replace(arch, skip_mixer=config.skip_mixer)
     subnet = export_subnet(net, arch, fold_bn=config.fold_bn)
     save_subnet(subnet, out, source=subnet_source(run, arch))
     params = sum(p.numel() for p in subnet.parameters())

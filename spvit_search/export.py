@@ -33,11 +33,12 @@ from finetune.checkpoint import load_checkpoint
 from supernets import Architecture, BlockChoice, GateConfig, Subnet, Supernet, build_supernet
 from supernets.architecture import check_fields, check_type
 from supernets.checkpoints import load_state_dict_file
-from supernets.family import family_named, family_of
+from supernets.family import family_named, family_of, family_of_model
 from supernets.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "check_onnx_exporter",
+    "dense_subnet",
     "export_onnx",
     "export_subnet",
     "load_search_supernet",
@@ -48,6 +49,7 @@ __all__ = [
     "save_subnet",
     "subnet_source",
     "subnet_state_dict",
+    "with_affine_skips",
 ]
 
 ARCH = "arch.json"
@@ -77,6 +79,35 @@ def export_subnet(net: Supernet, arch: Architecture, fold_bn: bool = False) -> S
     _assign_weights(subnet, subnet_state_dict(net, arch))
     subnet.eval()
     return subnet.fold_batch_norm() if fold_bn else subnet
+
+
+def dense_subnet(model: nn.Module, name: str, model_kwargs: dict[str, Any] | None = None) -> Subnet:
+    """timm model `model` (built as `name` with `model_kwargs`) as our own plain modules: the export of its dense
+    architecture, which computes what `model` computes (the teacher of module imitation, whose blocks align with a
+    subnet's)."""
+    net = family_of_model(model).supernet_class(model, name, model_kwargs=model_kwargs)
+    return export_subnet(net, net.dense_architecture())
+
+
+def with_affine_skips(subnet: Subnet) -> Subnet:
+    """`subnet` with its identity skip blocks made affine skips that compute the same: each gains a norm whose
+    weight and bias are zero (s = 1, t = 0 folded), which fine-tuning then trains."""
+    if subnet.arch.skip_mixer == "affine":
+        return subnet
+    arch = dataclasses.replace(subnet.arch, skip_mixer="affine")
+    device = next(subnet.parameters()).device
+    with torch.device(device):
+        affine = type(subnet).from_config(subnet.config(), arch)
+    missing, unexpected = affine.load_state_dict(subnet.state_dict(), strict=False)
+    skips = [i for i, b in enumerate(arch.blocks) if b.mixer == "skip"]
+    if unexpected or any(not any(k.startswith(f"blocks.{i}.") for i in skips) for k in missing):
+        raise RuntimeError(f"affine skips changed more than the skip blocks: {missing[:4]} {unexpected[:4]}")
+    with torch.no_grad():
+        for key in missing:
+            if ".norm1." in key:
+                affine.get_parameter(key).zero_()
+    affine.train(subnet.training)
+    return affine
 
 
 @torch.no_grad()

@@ -22,23 +22,26 @@ from finetune.classification import ClassificationTask, evaluate_classifier
 from finetune.devices import pin_memory
 from finetune.distillation import DistillationLoss
 from finetune.engine import Engine, EngineConfig
+from finetune.imitation import ImitationWeights, ModuleImitation
 from finetune.optim import adamw, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables.counting import count_macs
 from reports.run_format import ARCH, FINETUNE
-from supernets import build_supernet
+from supernets import Subnet, build_supernet
 from supernets.families.vit.subnet import VisionTransformerSubnet
 from supernets.registry import create_source_model
 
 from .data import TrainDataConfig, build_datasets, build_loaders, num_classes_of
-from .export import export_subnet, load_subnet, read_subnet_source, save_subnet
+from .export import dense_subnet, export_subnet, load_subnet, read_subnet_source, save_subnet, with_affine_skips
 from .runs import (
     ComputeSettings,
     DistillationSettings,
+    ImitationSettings,
     OptimSettings,
     Run,
     RunConfig,
     RunSettings,
+    SearchSpaceSettings,
     TrainingRunSettings,
     distillation_setting,
     optim_setting,
@@ -64,8 +67,8 @@ class SubnetSettings:
 # A dataclass lists its last base's fields first: the bases are the groups in reverse order of the --help.
 @dataclass(kw_only=True)
 class FinetuneConfig(
-    RunConfig, TrainingRunSettings, ComputeSettings, OptimSettings, DistillationSettings, TrainDataConfig,
-    SubnetSettings,
+    RunConfig, TrainingRunSettings, ComputeSettings, OptimSettings, ImitationSettings, DistillationSettings,
+    TrainDataConfig, SubnetSettings,
 ):  # fmt: skip
     """Every setting of a fine-tuning run; stored as the run's `config.json`."""
 
@@ -86,10 +89,16 @@ class FinetuneConfig(
     warmup_epochs: int = inherit(OptimSettings, "warmup_epochs", 1)
     model_ema: bool = optim_setting(False, help="keep an EMA of the weights; evaluate and save it")
     model_ema_decay: float = optim_setting(0.9998, help="decay of the weights' EMA")
+    skip_mixer: str | None = inherit(
+        SearchSpaceSettings, "skip_mixer", None, group="subnet", default_text="the subnet's",
+        help="affine: make the subnet's identity skip blocks affine skips at s = 1, t = 0 (the same function), "
+        "whose norm then trains",
+    )  # fmt: skip
 
 
 class DistillationTask(ClassificationTask):
-    """The student's loss against the labels and the teacher's logits; saves best/last as subnet dirs."""
+    """The student's loss against the labels and the teacher's logits, and the module-imitation terms when given;
+    saves best/last as subnet dirs."""
 
     def __init__(
         self,
@@ -98,10 +107,19 @@ class DistillationTask(ClassificationTask):
         val_loader: DataLoader,
         out_dir: Path,
         source: dict[str, Any] | None,
+        imitation: ModuleImitation | None = None,
     ) -> None:
         super().__init__(val_loader, loss, teacher)
         self.out_dir = out_dir
         self.source = source
+        self.imitation = imitation
+
+    def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        loss, metrics = super().training_step(model, batch)
+        if self.imitation is None:
+            return loss, metrics
+        terms = self.imitation.losses()
+        return loss + terms["imitation"], metrics | {k: v.detach() for k, v in terms.items()}
 
     def save_model(self, model: nn.Module, name: str) -> None:
         save_subnet(model, self.out_dir / name, source=self.source)
@@ -119,16 +137,25 @@ def _finetune(run: Run) -> dict[str, Any] | None:
     config: FinetuneConfig = run.config
     student = load_subnet(config.subnet)
     source = read_subnet_source(config.subnet)
-    arch = student.arch
     if config.init == "dense":
         student = _subnet_from_dense(student, source, config.subnet)
+    if config.skip_mixer == "affine":
+        student = with_affine_skips(student)
+    elif config.skip_mixer == "identity" and student.arch.skip_mixer == "affine":
+        raise ValueError(
+            "--skip-mixer identity: the subnet's skip blocks are affine skips, which would lose what they compute; "
+            "export the run again with --skip-mixer identity"
+        )
+    arch = student.arch
     train_set, val_set = build_datasets(config, arch.img_size, config.augment)
     if num_classes_of(train_set) != arch.num_classes:
         raise ValueError(
             f"the subnet has {arch.num_classes} classes but the dataset '{config.data}' {num_classes_of(train_set)}"
         )
     student.to(run.device)
-    teacher = build_teacher(config, student, source).to(run.device) if config.distillation != "none" else None
+    teacher = None
+    if config.distillation != "none" or config.imitation:
+        teacher = build_teacher(config, student, source).to(run.device)
     train_loader, val_loader = build_loaders(
         config, train_set, val_set, config.seed, run.context.enabled, pin_memory(run.device)
     )
@@ -145,7 +172,11 @@ def _finetune(run: Run) -> dict[str, Any] | None:
     loss = DistillationLoss(
         config.distillation, config.distillation_alpha, config.distillation_tau, config.label_smoothing
     )
-    task = DistillationTask(teacher, loss, val_loader, run.out_dir, source)
+    imitation = None
+    if config.imitation:
+        weights = ImitationWeights(config.lambda_out, config.lambda_in, config.lambda_rel)
+        imitation = ModuleImitation(student.blocks, teacher.blocks, lambda i: arch.blocks[i].mixer != "msa", weights)
+    task = DistillationTask(teacher, loss, val_loader, run.out_dir, source, imitation)
     engine = Engine(
         student, task, {"weights": optimizer}, {"weights": scheduler}, train_loader,
         EngineConfig(
@@ -180,7 +211,28 @@ def build_teacher(config: FinetuneConfig, student: VisionTransformerSubnet, sour
     classes = teacher.num_classes if hasattr(teacher, "num_classes") else None
     if classes is not None and classes != arch.num_classes:
         raise ValueError(f"the teacher has {classes} classes, the subnet {arch.num_classes}")
+    if config.imitation:
+        teacher = _imitation_teacher(teacher, student, name or source["model"], {} if name else source["model_kwargs"])
     return teacher.eval().requires_grad_(False)
+
+
+def _imitation_teacher(teacher: nn.Module, student: nn.Module, name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    """The teacher as our own modules, whose blocks align with the student's: a subnet directory's as it is, a timm
+    model's dense export. Its blocks must be as many and as wide as the student's."""
+    if not isinstance(teacher, Subnet):
+        teacher = dense_subnet(teacher, name, model_kwargs)
+    if len(teacher.blocks) < len(student.blocks):
+        raise ValueError(
+            f"--imitation: the teacher has {len(teacher.blocks)} blocks, the subnet {len(student.blocks)}; imitation "
+            "pairs them one to one"
+        )
+    width, teacher_width = (m.blocks[0].norm2.weight.shape[0] for m in (student, teacher))
+    if width != teacher_width:
+        raise ValueError(
+            f"--imitation: the subnet's blocks are {width} wide, the teacher's {teacher_width}; imitation projects "
+            "nothing, so a subnet of reduced width cannot imitate its dense model"
+        )
+    return teacher
 
 
 def _dense_source(source: dict[str, Any] | None, subnet_dir: str, purpose: str) -> dict[str, Any]:

@@ -34,14 +34,23 @@ from finetune.classification import evaluate_classifier
 from finetune.devices import pin_memory, to_device
 from lookup_tables import LookupTable
 from reports.run_format import ARCH, JOURNAL, LUT, OPTUNA, PARETO, SUPERNET, TRIALS
-from supernets import MIXERS, Architecture, Supernet, build_supernet
+from supernets import MIXERS, Architecture, GateConfig, Supernet, build_supernet
 from supernets.io import atomic_write_text
 
 from .complexity import check_budget, parse_budget
 from .data import DataConfig, build_datasets, build_loaders, num_classes_of
 from .discrete_spaces import DEFAULT_MLP_RATIOS, DiscreteSpace, discrete_space
 from .export import load_search_supernet
-from .runs import DeviceSettings, ModelSettings, Run, RunConfig, RunSettings, WeightsSettings, start_run
+from .runs import (
+    DeviceSettings,
+    ModelSettings,
+    Run,
+    RunConfig,
+    RunSettings,
+    SearchSpaceSettings,
+    WeightsSettings,
+    start_run,
+)
 from .search import BudgetSettings, check_num_classes, img_size_of, lookup_table
 from .settings import group, inherit
 
@@ -58,7 +67,10 @@ study_setting = group("optuna strategy (--strategy optuna)")
 
 
 @dataclass(kw_only=True)
-class OptunaConfig(RunConfig, RunSettings, DeviceSettings, BudgetSettings, DataConfig, WeightsSettings, ModelSettings):
+class OptunaConfig(
+    RunConfig, RunSettings, DeviceSettings, BudgetSettings, DataConfig, WeightsSettings, SearchSpaceSettings,
+    ModelSettings,
+):  # fmt: skip
     """Every setting of an Optuna study run; stored as the run's `config.json` (bases: the groups in reverse, as
     `SearchConfig`'s)."""
 
@@ -334,7 +346,7 @@ def _supernet(config: OptunaConfig, dataset_classes: int) -> Supernet:
     if config.supernet is None:
         return build_supernet(
             config.model, pretrained=config.pretrained, checkpoint_path=config.checkpoint, img_size=config.img_size,
-            num_classes=num_classes, **config.model_kwargs,
+            num_classes=num_classes, gates=GateConfig(skip_mixer=config.skip_mixer), **config.model_kwargs,
         )  # fmt: skip
     if config.checkpoint or config.pretrained:
         raise ValueError("--supernet already holds the weights; leave out --checkpoint and --pretrained")
@@ -344,6 +356,7 @@ def _supernet(config: OptunaConfig, dataset_classes: int) -> Supernet:
             f"--supernet {config.supernet} is a '{net.name}' supernet with {net.num_classes} classes, not "
             f"'{config.model}' with {num_classes}"
         )
+    net.set_skip_mixer(config.skip_mixer)  # an identity search's weights with affine skips: s = 1, t = 0
     return net
 
 

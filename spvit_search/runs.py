@@ -24,6 +24,7 @@ from finetune.devices import AMP_MODES, resolve_amp, resolve_device
 from finetune.distillation import DISTILLATION_TYPES
 from finetune.distributed import DistributedContext, init_distributed, shutdown
 from reports.run_format import CHECKPOINT, CONFIG, KIND_KEY, SUMMARY
+from supernets.architecture import SKIP_MIXERS
 from supernets.io import atomic_write_text, remove_stale_temporaries
 
 from .settings import describe_type, group, matches_type
@@ -73,6 +74,15 @@ class ModelSettings:
 
 
 @dataclass(kw_only=True)
+class SearchSpaceSettings:
+    skip_mixer: str = model_setting(
+        "identity", choices=SKIP_MIXERS,
+        help="what a skip block computes: identity (nothing, the residual alone) or affine (RIFormer's per-channel "
+        "(s-1)*LN(x)+t, trained with the weights and folded into the norm at export)",
+    )  # fmt: skip
+
+
+@dataclass(kw_only=True)
 class WeightsSettings:
     checkpoint: str | None = model_setting(
         None, help="timm-format weights (.safetensors, .pth, .pt)", exclusive="weights", default_text="random init"
@@ -101,6 +111,18 @@ class DistillationSettings:
     )  # fmt: skip
     distillation_alpha: float = distillation_setting(0.5, help="weight of the distillation term")
     distillation_tau: float = distillation_setting(1.0, help="soft distillation temperature")
+
+
+@dataclass(kw_only=True)
+class ImitationSettings:
+    imitation: bool = distillation_setting(
+        False,
+        help="RIFormer's module imitation from the dense teacher: each pruned block's mixer branch against the "
+        "teacher's on the same input, every block's output against the teacher's, and their token relations",
+    )
+    lambda_out: float = distillation_setting(1e-4, help="imitation: weight of the pruned mixers' term, per sample")
+    lambda_in: float = distillation_setting(1e-3, help="imitation: weight of the block outputs' term, per sample")
+    lambda_rel: float = distillation_setting(1.0, help="imitation: weight of the token relations' term, per sample")
 
 
 @dataclass(kw_only=True)

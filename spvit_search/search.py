@@ -22,6 +22,7 @@ from finetune.devices import pin_memory
 from finetune.distillation import DistillationLoss
 from finetune.distributed import DistributedContext
 from finetune.engine import Engine, EngineConfig
+from finetune.imitation import ImitationWeights, ModuleImitation
 from finetune.optim import GATE_OPTIMIZERS, adamw, gate_optimizer, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables import CONVENTIONS, LookupTable, build_lookup_table, differentiable_flops
@@ -37,11 +38,13 @@ from .projection import project_to_budget
 from .runs import (
     ComputeSettings,
     DistillationSettings,
+    ImitationSettings,
     ModelSettings,
     OptimSettings,
     Run,
     RunConfig,
     RunSettings,
+    SearchSpaceSettings,
     TrainingRunSettings,
     WeightsSettings,
     optim_setting,
@@ -66,8 +69,8 @@ class BudgetSettings:
 # A dataclass lists its last base's fields first: the bases are the groups in reverse order of the --help.
 @dataclass(kw_only=True)
 class SearchConfig(
-    RunConfig, TrainingRunSettings, ComputeSettings, DistillationSettings, OptimSettings, BudgetSettings,
-    TrainDataConfig, WeightsSettings, ModelSettings,
+    RunConfig, TrainingRunSettings, ComputeSettings, ImitationSettings, DistillationSettings, OptimSettings,
+    BudgetSettings, TrainDataConfig, WeightsSettings, SearchSpaceSettings, ModelSettings,
 ):  # fmt: skip
     """Every setting of a search run; stored as the run's `config.json`."""
 
@@ -117,7 +120,12 @@ class SearchTask(ClassificationTask):
         loss = DistillationLoss(
             config.distillation, config.distillation_alpha, config.distillation_tau, config.label_smoothing
         )
-        super().__init__(val_loader, loss, dense_teacher(net) if config.distillation != "none" else None)
+        teacher = dense_teacher(net) if config.distillation != "none" or config.imitation else None
+        super().__init__(val_loader, loss, teacher)
+        self.imitation = None
+        if config.imitation:  # a regulariser of the conv and skip candidates a step draws
+            weights = ImitationWeights(config.lambda_out, config.lambda_in, config.lambda_rel)
+            self.imitation = ModuleImitation(net.blocks, teacher.blocks, self._drew_pruned_mixer, weights)
         self.net = net
         self.lut = lut
         self.complexity = complexity
@@ -129,6 +137,10 @@ class SearchTask(ClassificationTask):
 
     def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         loss, metrics = super().training_step(model, batch)
+        if self.imitation is not None:
+            terms = self.imitation.losses()
+            loss = loss + terms["imitation"]
+            metrics |= {k: v.detach() for k, v in terms.items()}
         flops = differentiable_flops(self.net, self.lut, self.config.estimator)  # float64, outside autocast's reach
         complexity = self.complexity(flops)
         metrics |= {
@@ -137,6 +149,12 @@ class SearchTask(ClassificationTask):
             "target_macs": float(self.complexity.target),
         }
         return loss + complexity.to(loss.dtype), metrics
+
+    def _drew_pruned_mixer(self, index: int) -> bool:
+        """Whether block `index`'s forward under way computes a conv or a skip (the drawn mixer, or the fixed one)."""
+        attn = self.net.blocks[index].attn
+        mixer = attn.drawn[1] if attn.drawn is not None else attn.chosen_mixer()
+        return mixer != "msa"
 
     def after_step(self, metrics: dict[str, torch.Tensor | float]) -> None:
         self.complexity.update(metrics["macs"])
@@ -238,7 +256,7 @@ def _search(run: Run) -> dict[str, Any] | None:
         checkpoint_path=config.checkpoint,
         img_size=config.img_size,
         num_classes=num_classes,
-        gates=GateConfig(config.gate_init, config.gate_temperature, config.head_mix_temperature),
+        gates=GateConfig(config.gate_init, config.gate_temperature, config.head_mix_temperature, config.skip_mixer),
         **config.model_kwargs,
     )
     if config.gate_init_from == "magnitude":

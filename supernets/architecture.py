@@ -6,6 +6,10 @@ reports draw it. Its JSON form:
     {"model": "deit_tiny_patch16_224", "img_size": 224, "num_classes": 1000,
      "blocks": [{"mixer": "bconv1", "mlp_kept": [0, 3, 4, 7]}, {"mixer": "msa", "mlp_kept": [0, 1, 2]}]}
 
+A search space whose skip candidate is RIFormer's affine skip (`--skip-mixer affine`) writes `"skip_mixer":
+"affine"` too: its skip blocks keep one norm that computes an affine map of their tokens. Without the field a skip
+block is the identity (`"identity"`, as before the field was).
+
 Family fields: a family whose search also chooses dimensions outside the blocks adds optional top-level
 fields, declared in its folder's `schema.py` (pure Python, as this module is) with the check that parses them;
 they live in `extras`, are present in its architectures and absent from every other's JSON, and read as
@@ -32,6 +36,8 @@ from .io import atomic_write_text
 # Token mixers ordered by cost: a cumulative gate can switch on a mixer only if every cheaper one is on.
 MIXERS: tuple[str, ...] = ("skip", "bconv1", "bconv3", "msa")
 CONV_KERNEL_SIZE = {"bconv1": 1, "bconv3": 3}
+# What a skip block computes: nothing (the residual alone), or RIFormer's affine map of its normalised tokens.
+SKIP_MIXERS = ("identity", "affine")
 
 _TOP_LEVEL_FIELDS = ("model", "img_size", "num_classes", "blocks")
 _BLOCK_FIELDS = ("mixer", "mlp_kept")
@@ -83,6 +89,7 @@ class Architecture:
     blocks: tuple[BlockChoice, ...]
     # The family fields this architecture sets (see the module docstring); not hashed, as a dict.
     extras: dict[str, Any] = field(default_factory=dict, hash=False)
+    skip_mixer: str = "identity"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -99,6 +106,9 @@ class Architecture:
             check_type(name, getattr(self, name), int)
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        check_type("skip_mixer", self.skip_mixer, str)
+        if self.skip_mixer not in SKIP_MIXERS:
+            raise ValueError(f"skip_mixer: '{self.skip_mixer}' is not one of {', '.join(SKIP_MIXERS)}")
         if not self.blocks:
             raise ValueError("blocks: an architecture needs at least one block")
         for i, block in enumerate(self.blocks):
@@ -171,6 +181,7 @@ class Architecture:
             "img_size": self.img_size,
             "num_classes": self.num_classes,
             **{name: _json(value) for name, value in self.extras.items()},
+            **({"skip_mixer": self.skip_mixer} if self.skip_mixer != "identity" else {}),
             "blocks": [{"mixer": b.mixer, "mlp_kept": list(b.mlp_kept)} for b in self.blocks],
         }
 
@@ -179,7 +190,7 @@ class Architecture:
         """Build from parsed JSON, checking the schema field by field."""
         if not isinstance(data, dict):
             raise ValueError(f"architecture must be a JSON object, got {type(data).__name__}")
-        check_fields("", data, _TOP_LEVEL_FIELDS, optional=tuple(family_fields()))
+        check_fields("", data, _TOP_LEVEL_FIELDS, optional=("skip_mixer", *family_fields()))
         blocks_data = data["blocks"]
         check_type("blocks", blocks_data, list)
         blocks = []
@@ -192,7 +203,8 @@ class Architecture:
                 check_type(f"blocks[{i}].mlp_kept[{j}]", index, int)
             blocks.append(BlockChoice(b["mixer"], tuple(b["mlp_kept"])))
         extras = {name: data[name] for name in family_fields() if name in data}
-        return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks), extras)
+        skip_mixer = data.get("skip_mixer", "identity")
+        return cls(data["model"], data["img_size"], data["num_classes"], tuple(blocks), extras, skip_mixer)
 
     def to_json(self) -> str:
         # One block per line: diffs of two architectures stay readable.

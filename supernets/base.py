@@ -3,6 +3,8 @@ it, and `Subnet`, the plain model a fixed architecture exports to; and the helpe
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -150,7 +152,7 @@ class Supernet(nn.Module):
 
     def dense_architecture(self) -> Architecture:
         blocks = [BlockChoice("msa", tuple(range(h))) for h in self.mlp_hidden]
-        return Architecture(self.name, self.img_size, self.num_classes, tuple(blocks))
+        return self.architecture_of(blocks)
 
     def architecture(self) -> Architecture:
         """The deterministic choice of the current gates (logit > 0), read from the device at once."""
@@ -163,9 +165,27 @@ class Supernet(nn.Module):
             kept = tuple(i for i, on in enumerate(mlp_flags[start : start + hidden]) if on)
             blocks.append(BlockChoice(MIXERS[count], kept))
             start += hidden
-        return Architecture(self.name, self.img_size, self.num_classes, tuple(blocks))
+        return self.architecture_of(blocks)
+
+    def architecture_of(self, blocks: Sequence[BlockChoice], extras: dict[str, Any] | None = None) -> Architecture:
+        """The architecture of this supernet with `blocks` (and a family's `extras`), its skip blocks as the
+        supernet's."""
+        return Architecture(
+            self.name, self.img_size, self.num_classes, tuple(blocks), extras or {}, self.gate_config.skip_mixer
+        )
 
     def validate_architecture(self, arch: Architecture) -> None:
+        """Raise `ValueError` naming the field if `arch` is not one of this supernet's subnets."""
+        self.validate_choices(arch)
+        if arch.skip_mixer != self.gate_config.skip_mixer:
+            raise ValueError(
+                f"skip_mixer: the architecture's skip blocks are '{arch.skip_mixer}', the supernet's "
+                f"'{self.gate_config.skip_mixer}'"
+            )
+
+    def validate_choices(self, arch: Architecture) -> None:
+        """Raise `ValueError` naming the field if `arch`'s choices do not fit the supernet: model, size, depth, the
+        kept units and a family's own fields."""
         arch.validate_for(
             model=self.name, img_size=self.img_size, num_classes=self.num_classes, mlp_hidden=self.mlp_hidden
         )
@@ -191,6 +211,13 @@ class Supernet(nn.Module):
     @property
     def fixed_architecture(self) -> Architecture | None:
         return self._fixed
+
+    def set_skip_mixer(self, skip_mixer: str) -> None:
+        """Make every skip candidate `skip_mixer`: a new affine skip starts at s = 1, t = 0 (what the identity
+        computes), and going back to the identity drops the learnt s and t."""
+        self.gate_config = dataclasses.replace(self.gate_config, skip_mixer=skip_mixer)  # checks the name
+        for block in self.blocks:
+            block.attn.set_skip_mixer(skip_mixer)
 
     def set_gate_generator(self, generator: torch.Generator | None) -> None:
         """Draw every gate sample from `generator` (e.g. one seed on all DDP ranks to synchronise them)."""

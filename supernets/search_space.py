@@ -58,8 +58,7 @@ class BlockwiseSpace:
         return self.architecture(self._suggest_blocks(trial, self.net.depth))
 
     def architecture(self, params: dict[str, Any]) -> Architecture:
-        net = self.net
-        return Architecture(net.name, net.img_size, net.num_classes, self._blocks(params, net.depth))
+        return self.net.architecture_of(self._blocks(params, self.net.depth))
 
     def _suggest_blocks(self, trial: optuna.Trial, depth: int) -> dict[str, Any]:
         """A mixer and an MLP ratio for each of the first `depth` blocks."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..architecture import SKIP_MIXERS
 
 _EPS = 1e-6
 
@@ -17,17 +20,21 @@ GATE_INITS = ("constant", "magnitude")
 
 @dataclass(frozen=True)
 class GateConfig:
-    """How the search space's gates start and how they are sampled; stored in run configs."""
+    """How the search space's gates start and how they are sampled, and what its skip candidate computes; stored in
+    run configs."""
 
     init: float = 1.5  # initial logit of every gate: sigmoid(1.5) ≈ 0.82 keep probability
     temperature: float = 1.0  # binary-concrete temperature of the training-time sampler
     head_mix_temperature: float = 0.01  # softmax temperature of the head-mixing logits z
+    skip_mixer: str = "identity"  # or "affine": RIFormer's affine map of the normalised tokens (layers.affine_skip)
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.head_mix_temperature <= 0:
             raise ValueError("gate temperatures must be positive")
+        if self.skip_mixer not in SKIP_MIXERS:
+            raise ValueError(f"skip_mixer: '{self.skip_mixer}' is not one of {', '.join(SKIP_MIXERS)}")
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

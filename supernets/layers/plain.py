@@ -173,11 +173,13 @@ def plain_mixer(
     num_prefix_tokens: int,
     fold_bn: bool,
     msa: Callable[[], nn.Module],
+    skip_mixer: str = "identity",
 ) -> nn.Module | None:
     """The plain layer of `choice`'s mixer in a block whose attention is `attn`: `msa()` for msa, a
-    `BottleneckConv` shaped like `attn` for a conv, None for skip."""
+    `BottleneckConv` shaped like `attn` for a conv; for skip None (identity: no mixer branch), or an identity
+    after the block's norm (affine: the norm computes the whole branch, s, t and layer scale folded in)."""
     if choice.mixer == "skip":
-        return None
+        return nn.Identity() if skip_mixer == "affine" else None
     if choice.mixer == "msa":
         return msa()
     return BottleneckConv.from_timm(attn, CONV_KERNEL_SIZE[choice.mixer], grid_size, num_prefix_tokens, fold_bn)
@@ -185,8 +187,8 @@ def plain_mixer(
 
 class SubnetBlock(nn.Module):
     """A pre-norm block for one `BlockChoice`: its plain `mixer` and its pruned MLP, each with its norm, layer
-    scale and drop path (taken over from a model built for the purpose). A skip block (no mixer) has no mixer
-    branch at all, no norm1 and no layer scale: the residual alone, as the supernet computes it."""
+    scale and drop path (taken over from a model built for the purpose). An identity skip block (no mixer) has no
+    mixer branch at all, no norm1 and no layer scale: the residual alone, as the supernet computes it."""
 
     def __init__(
         self,
@@ -208,15 +210,28 @@ class SubnetBlock(nn.Module):
 
     @classmethod
     def from_timm(
-        cls, block: Block, choice: BlockChoice, grid_size: tuple[int, int], num_prefix_tokens: int, fold_bn: bool
+        cls,
+        block: Block,
+        choice: BlockChoice,
+        grid_size: tuple[int, int],
+        num_prefix_tokens: int,
+        fold_bn: bool,
+        skip_mixer: str = "identity",
     ) -> Self:
-        """timm's pre-norm `Block` for `choice`: standard attention for msa (`PlainAttention`)."""
+        """timm's pre-norm `Block` for `choice`: standard attention for msa (`PlainAttention`); an affine skip's
+        layer scale is folded into its norm."""
         attn = block.attn
-        mixer = plain_mixer(choice, attn, grid_size, num_prefix_tokens, fold_bn, lambda: PlainAttention.from_timm(attn))
+        plain_msa = lambda: PlainAttention.from_timm(attn)  # noqa: E731
+        mixer = plain_mixer(choice, attn, grid_size, num_prefix_tokens, fold_bn, plain_msa, skip_mixer)
+        ls1 = nn.Identity() if choice.mixer == "skip" else block.ls1
         mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
-        return cls(mixer, block.norm1, block.ls1, block.drop_path1, block.norm2, block.ls2, block.drop_path2, mlp)
+        return cls(mixer, block.norm1, ls1, block.drop_path1, block.norm2, block.ls2, block.drop_path2, mlp)
+
+    def mixer_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer branch's update of x (B, N, D): zero for an identity skip."""
+        return torch.zeros_like(x) if self.mixer is None else self.ls1(self.mixer(self.norm1(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, D)
         if self.mixer is not None:
-            x = x + self.drop_path1(self.ls1(self.mixer(self.norm1(x))))
+            x = x + self.drop_path1(self.mixer_branch(x))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

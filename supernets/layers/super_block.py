@@ -12,6 +12,7 @@ from torch import nn
 
 from ..architecture import BlockChoice
 from ..checkpoints import prefixed
+from .affine_skip import folded_norm_state
 from .gates import GateConfig
 from .unified_attention import UnifiedAttention
 from .unified_mlp import UnifiedMlp
@@ -56,15 +57,16 @@ class SuperBlock(nn.Module):
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attn.chosen_mixer() != "skip":  # a skipped mixer costs nothing, its norm included
+        if self.attn.has_branch(self.attn.chosen_mixer()):  # an identity skip costs nothing, its norm included
             x = x + self.drop_path1(self.mixer_branch(x))
         return x + self.drop_path2(self.mlp_branch(x))
 
     def mixer_parameters(self, mixer: str, dim: int | None = None) -> list[torch.Tensor]:
         """The parameters a subnet needs for `mixer` in this block's mixer branch, for tokens of width `dim`
-        (default: the full width; slimmed tokens use slices, e.g. the norm's first `dim` channels)."""
+        (default: the full width; slimmed tokens use slices, e.g. the norm's first `dim` channels). An affine skip
+        keeps one norm, into which its s, t and the layer scale fold; an identity skip nothing."""
         if mixer == "skip":
-            return []
+            return [] if self.attn.skip_affine is None else [p[:dim] for p in self.norm1.parameters()]
         per_channel = [p[:dim] for p in (*self.norm1.parameters(), *self.ls1.parameters())]
         return [*per_channel, *self.attn.parameters_for(mixer, dim)]
 
@@ -80,13 +82,17 @@ class SuperBlock(nn.Module):
 
     def subnet_state(self, choice: BlockChoice, dim: int | None = None) -> dict[str, torch.Tensor]:
         """The state dict of the `SubnetBlock` for `choice`, for tokens of width `dim` (default: the full width;
-        slimmed, the norms' and layer scales' first `dim` channels). A skip block has no mixer branch."""
+        slimmed, the norms' and layer scales' first `dim` channels). An identity skip block has no mixer branch; an
+        affine skip block only its folded norm."""
 
         def per_channel(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
             return {prefix + k: v[:dim] for k, v in module.state_dict().items()}
 
         state = {}
-        if choice.mixer != "skip":
+        if choice.mixer == "skip" and self.attn.skip_affine is not None:
+            scale = self.ls1(torch.ones_like(self.norm1.weight))  # the per-channel layer scale (ones without one)
+            state |= prefixed("norm1.", folded_norm_state(self.norm1, self.attn.skip_affine, scale, dim))
+        elif choice.mixer != "skip":
             state |= per_channel("norm1.", self.norm1) | per_channel("ls1.", self.ls1)
             state |= prefixed("mixer.", self.attn.plain_state(choice.mixer, dim))
         state |= per_channel("norm2.", self.norm2) | per_channel("ls2.", self.ls2)

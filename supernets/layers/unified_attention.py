@@ -29,6 +29,7 @@ from timm.layers import Attention
 from torch import nn
 
 from ..architecture import CONV_KERNEL_SIZE, MIXERS
+from .affine_skip import AffineSkip
 from .gates import BinaryGates, GateConfig
 
 _NUM_TAPS = 9  # the 3×3 kernel; 1×1 is its centre tap
@@ -84,6 +85,7 @@ class UnifiedAttention(nn.Module):
         self.bn3 = nn.BatchNorm2d(self.head_dim)
         self.act = nn.ReLU()
         self.gates = BinaryGates(len(MIXERS) - 1, gates.init, gates.temperature)  # [bconv1, bconv3, msa]
+        self.skip_affine = AffineSkip(dim) if gates.skip_mixer == "affine" else None  # None: the identity skip
         self.fixed_mixer: str | None = None
         # One training forward's draw of the cumulative gates and the mixer it picks, set by the supernet for all
         # blocks at once (one host read per step); None while this layer draws for itself.
@@ -138,6 +140,18 @@ class UnifiedAttention(nn.Module):
         """The mixer chosen by the deterministic rule: the cheapest-first run of gates with logit > 0."""
         return MIXERS[int(mixer_index(self.gates.is_on()))]
 
+    def set_skip_mixer(self, skip_mixer: str) -> None:
+        """Keep the affine skip, add one at s = 1, t = 0 (on the layer's device) or drop it (identity)."""
+        if skip_mixer == "identity":
+            self.skip_affine = None
+        elif self.skip_affine is None:
+            self.skip_affine = AffineSkip(self.v.in_features).to(self.v.weight.device)
+
+    def has_branch(self, mixer: str | None) -> bool:
+        """Whether a block computes its mixer branch at all with `mixer` (None: while the gates train): not for
+        the identity skip, whose update is zero."""
+        return mixer != "skip" or self.skip_affine is not None
+
     def chosen_mixer(self) -> str | None:
         """The mixer this forward computes alone, or None while training the gates (all candidates)."""
         if self.fixed_mixer is not None:
@@ -152,7 +166,7 @@ class UnifiedAttention(nn.Module):
             weights = self.weights(int(x.shape[-1]))  # int: under tracing (fvcore) a size is a tensor
             return self._attention(x, F.linear(x, *weights.v), weights)
         if mixer == "skip":
-            return torch.zeros_like(x)
+            return torch.zeros_like(x) if self.skip_affine is None else self.skip_affine(x)
         return self._forward_conv(x, CONV_KERNEL_SIZE[mixer])
 
     def weights(self, dim: int | None = None) -> AttentionWeights:
@@ -286,25 +300,25 @@ class UnifiedAttention(nn.Module):
             chosen = MIXERS[int(c.detach().sum())]
         else:
             c, chosen = self.drawn
-        coefficients = {"bconv1": c[0] - c[1], "bconv3": c[1] - c[2], "msa": c[2]}
-        # Only the chosen candidate's coefficient is 1 (none: skip): the single path that trains. The others need
-        # only their candidate's value, for the gates' straight-through gradient, so they run without autograd:
-        # their weights get no gradient this step (single-path training) and their backward costs nothing.
+        coefficients = {"skip": 1 - c[0], "bconv1": c[0] - c[1], "bconv3": c[1] - c[2], "msa": c[2]}
+        # Only the chosen candidate's coefficient is 1: the single path that trains. The others need only their
+        # candidate's value, for the gates' straight-through gradient, so they run without autograd: their weights
+        # get no gradient this step (single-path training) and their backward costs nothing.
         trains = {mixer: torch.is_grad_enabled() and mixer == chosen for mixer in coefficients}
-        with torch.set_grad_enabled(any(trains.values())):
+        with torch.set_grad_enabled(any(trains[m] for m in ("bconv1", "bconv3", "msa"))):
             v = F.linear(x, self.v.weight)  # (B, N, A), bias added per candidate
-        outputs = {}
+        outputs: dict[str, torch.Tensor | None] = {"skip": None}  # the identity skip's update is zero
         for mixer in coefficients:
             with torch.set_grad_enabled(trains[mixer]):
-                if mixer == "msa":
+                if mixer == "skip":
+                    if self.skip_affine is not None:
+                        outputs[mixer] = self.skip_affine(x)
+                elif mixer == "msa":
                     outputs[mixer] = self._attention(x, v if self.v.bias is None else v + self.v.bias, self.weights())
                 else:
                     outputs[mixer] = self._search_conv(v, CONV_KERNEL_SIZE[mixer])  # patch tokens only
-        k = torch.stack([coefficients["bconv1"], coefficients["bconv3"], coefficients["msa"]])
-        path = MIXERS.index(chosen) - 1  # index into [bconv1, bconv3, msa]; -1: skip
-        return _SinglePathSum.apply(
-            k, outputs["bconv1"], outputs["bconv3"], outputs["msa"], self.num_prefix_tokens, path if path >= 0 else None
-        )
+        k = torch.stack(list(coefficients.values()))  # MIXERS order
+        return _SinglePathSum.apply(k, *outputs.values(), self.num_prefix_tokens, MIXERS.index(chosen))
 
     def _search_conv(self, v: torch.Tensor, kernel_size: int) -> torch.Tensor:
         """bconv_k update of the patch tokens (B, gh·gw, D) from the bias-free value projection v (B, N, A).
@@ -333,31 +347,37 @@ class UnifiedAttention(nn.Module):
 
 
 class _SinglePathSum(torch.autograd.Function):
-    """Σ k_i·out_i over [bconv1, bconv3, msa] for coefficients k, each exactly 0 or 1 with at most one 1, at `chosen`.
+    """Σ k_i·out_i over MIXERS [skip, bconv1, bconv3, msa] for coefficients k, each exactly 0 or 1 with one 1, at
+    `chosen`.
 
-    The value is the one chosen candidate's output (zeros for skip), with no multiply or add over the
-    activations; the backward gives each coefficient its straight-through gradient ⟨grad, out_i⟩ and the
+    The value is the one chosen candidate's output (the identity skip's, None, is zeros), with no multiply or add
+    over the activations; the backward gives each coefficient its straight-through gradient ⟨grad, out_i⟩ and the
     chosen output the incoming gradient. The conv outputs cover the patch tokens only (prefix tokens: 0).
     """
 
     @staticmethod
-    def forward(ctx, k, conv1, conv3, msa, num_prefix_tokens, chosen):  # conv: (B, gh·gw, D), msa: (B, N, D)
-        ctx.save_for_backward(conv1, conv3, msa)
+    def forward(ctx, k, skip, conv1, conv3, msa, num_prefix_tokens, chosen):  # conv: (B, gh·gw, D), others (B, N, D)
+        ctx.save_for_backward(skip, conv1, conv3, msa)
         ctx.num_prefix_tokens = num_prefix_tokens
         ctx.chosen = chosen  # the index of k's one 1, known on the host: reading k would sync the device
-        if ctx.chosen == 2:
+        if chosen == 3:
             return msa.clone()
-        if ctx.chosen is None:
-            return torch.zeros_like(msa)
-        return F.pad((conv1, conv3)[ctx.chosen], (0, 0, num_prefix_tokens, 0))
+        if chosen == 0:
+            return torch.zeros_like(msa) if skip is None else skip.clone()
+        return F.pad((conv1, conv3)[chosen - 1], (0, 0, num_prefix_tokens, 0))
 
     @staticmethod
     def backward(ctx, grad):  # grad: (B, N, D)
-        conv1, conv3, msa = ctx.saved_tensors
+        skip, conv1, conv3, msa = ctx.saved_tensors
         patches = grad[:, ctx.num_prefix_tokens :]
-        dots = [torch.vdot(patches.reshape(-1), c.reshape(-1)) for c in (conv1, conv3)]
-        grad_k = torch.stack([*dots, torch.vdot(grad.reshape(-1), msa.reshape(-1))])
-        grads = [None, None, None]
-        if ctx.chosen is not None:
-            grads[ctx.chosen] = grad if ctx.chosen == 2 else patches
-        return grad_k, *grads, None, None
+        flat = grad.reshape(-1)
+        no_update = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        dots = [
+            no_update if skip is None else torch.vdot(flat, skip.reshape(-1)),
+            *(torch.vdot(patches.reshape(-1), c.reshape(-1)) for c in (conv1, conv3)),
+            torch.vdot(flat, msa.reshape(-1)),
+        ]
+        grads: list[torch.Tensor | None] = [None, None, None, None]
+        if ctx.chosen != 0 or skip is not None:
+            grads[ctx.chosen] = patches if ctx.chosen in (1, 2) else grad
+        return torch.stack(dots), *grads, None, None

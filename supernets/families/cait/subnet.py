@@ -46,14 +46,15 @@ class TalkingHeadsAttention(PlainAttention):
 
 
 def cait_subnet_block(
-    block: LayerScaleBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool
+    block: LayerScaleBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool, skip_mixer: str
 ) -> SubnetBlock:
     """CaiT's `LayerScaleBlock` for one `BlockChoice`, its layer scales folded into the branches' last linear
     layers (so none is left): talking-heads attention (msa), a bottleneck conv over all tokens (bconv1, bconv3) or
     no mixer branch at all (skip), and a pruned MLP. Takes over `block`'s norms and drop path (pass a model built
     for the purpose)."""
     attn = block.attn
-    mixer = plain_mixer(choice, attn, grid_size, 0, fold_bn, lambda: TalkingHeadsAttention.from_timm(attn))
+    talking_heads = lambda: TalkingHeadsAttention.from_timm(attn)  # noqa: E731
+    mixer = plain_mixer(choice, attn, grid_size, 0, fold_bn, talking_heads, skip_mixer)
     mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
     drop_path = block.drop_path
     return SubnetBlock(mixer, block.norm1, nn.Identity(), drop_path, block.norm2, nn.Identity(), drop_path, mlp)
@@ -71,7 +72,7 @@ class CaitSubnet(CaitStemAndHead, Subnet):
         self.adopt_stem_and_head(cait, arch.model)
         self.blocks = nn.Sequential(
             *[
-                cait_subnet_block(block, choice, self.grid_size, fold_bn)
+                cait_subnet_block(block, choice, self.grid_size, fold_bn, arch.skip_mixer)
                 for block, choice in zip(cait.blocks, arch.blocks, strict=True)
             ]
         )

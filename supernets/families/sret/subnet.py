@@ -35,12 +35,14 @@ class ResidualScale(nn.Module):
 
 class SReTSubnetBlock(nn.Module):
     """SReT's block for one `BlockChoice`: sliced attention (msa), a bottleneck conv over the stage's grid (bconv1,
-    bconv3) or no mixer branch at all (skip), and a pruned MLP. Takes over `block`'s attention, norms, residual
-    scalars and drop path (pass a model built for the purpose)."""
+    bconv3), no mixer branch at all (identity skip) or its folded norm alone (affine skip), and a pruned MLP. Takes
+    over `block`'s attention, norms, residual scalars and drop path (pass a model built for the purpose)."""
 
-    def __init__(self, block: SReTBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool) -> None:
+    def __init__(
+        self, block: SReTBlock, choice: BlockChoice, grid_size: tuple[int, int], fold_bn: bool, skip_mixer: str
+    ) -> None:
         super().__init__()
-        self.mixer = plain_mixer(choice, block.attn, grid_size, 0, fold_bn, lambda: block.attn)
+        self.mixer = plain_mixer(choice, block.attn, grid_size, 0, fold_bn, lambda: block.attn, skip_mixer)
         if self.mixer is None:
             self.residual1: nn.Module = ResidualScale()
         else:
@@ -48,14 +50,19 @@ class SReTSubnetBlock(nn.Module):
         self.norm2, self.residual2, self.drop_path = block.norm2, block.residual2, block.drop_path
         self.mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
 
+    def mixer_branch(self, x: torch.Tensor, groups: int = 1, permute: bool = False) -> torch.Tensor:
+        """The mixer's output on the normed tokens x (B, N, D), before the residual's scale b: zero for an identity
+        skip. Only attention slices the tokens; a conv sees the whole grid whatever the groups."""
+        if self.mixer is None:
+            return torch.zeros_like(x)
+        h = self.norm1(x)
+        return self.mixer(h, groups, permute) if isinstance(self.mixer, SlicedAttention) else self.mixer(h)
+
     def forward(self, x: torch.Tensor, groups: int = 1, permute: bool = False) -> torch.Tensor:  # x: (B, N, D)
         if self.mixer is None:
             x = self.residual1(x)
         else:
-            h = self.norm1(x)
-            # Only attention slices the tokens; a conv sees the whole grid whatever the groups.
-            branch = self.mixer(h, groups, permute) if isinstance(self.mixer, SlicedAttention) else self.mixer(h)
-            x = self.residual1(x, self.drop_path(branch))
+            x = self.residual1(x, self.drop_path(self.mixer_branch(x, groups, permute)))
         return self.residual2(x, self.drop_path(self.mlp(self.norm2(x))))
 
 
@@ -83,7 +90,7 @@ class SReTSubnet(SReTStemAndHead, Subnet):
         self.adopt_stem_and_head(sret, arch.model)
         self.groups = arch.groups
         self.blocks = nn.ModuleList(
-            SReTSubnetBlock(block, choice, stage.grid_size, fold_bn)
+            SReTSubnetBlock(block, choice, stage.grid_size, fold_bn, arch.skip_mixer)
             for (stage, block), choice in zip(source_blocks, arch.blocks, strict=True)
         )
         self.record_source(arch, kwargs, fold_bn, imagenet_data_config(self.in_chans, arch, crop_pct=0.875))

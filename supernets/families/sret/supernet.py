@@ -30,6 +30,7 @@ from torch import nn
 from ...architecture import Architecture, BlockChoice
 from ...base import Supernet, check_input_size
 from ...checkpoints import prefixed
+from ...layers.affine_skip import folded_norm_state
 from ...layers.gates import GateConfig
 from ...layers.unified_attention import AttentionWeights, UnifiedAttention
 from ...layers.unified_mlp import UnifiedMlp
@@ -134,16 +135,19 @@ class SReTSuperBlock(nn.Module):
         return self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor, groups: int = 1, permute: bool = False) -> torch.Tensor:  # x: (B, N, D)
-        if self.attn.chosen_mixer() == "skip":  # no branch, so neither its norm nor b1 does any work
+        if not self.attn.has_branch(self.attn.chosen_mixer()):  # no branch, so neither its norm nor b1 does any work
             x = self.residual1.alpha * x
         else:
             x = self.residual1(x, self.drop_path(self.mixer_branch(x, groups, permute)))
         return self.residual2(x, self.drop_path(self.mlp_branch(x)))
 
     def subnet_state(self, choice: BlockChoice, dim: int | None = None) -> dict[str, torch.Tensor]:
-        """The learnable residual scalars where ViT's block has layer scales; a skip block keeps only the first
-        residual's scale a (x ← a·x)."""
-        if choice.mixer == "skip":
+        """The learnable residual scalars where ViT's block has layer scales; an identity skip block keeps only the
+        first residual's scale a (x ← a·x), an affine one its folded norm as well (b stays a scalar of its own)."""
+        if choice.mixer == "skip" and self.attn.skip_affine is not None:
+            state = prefixed("norm1.", folded_norm_state(self.norm1, self.attn.skip_affine))
+            state |= self.residual1.state_dict(prefix="residual1.")
+        elif choice.mixer == "skip":
             state = {"residual1.alpha": self.residual1.alpha}
         else:
             state = self.norm1.state_dict(prefix="norm1.")
@@ -155,7 +159,10 @@ class SReTSuperBlock(nn.Module):
 
     def mixer_parameters(self, mixer: str, dim: int | None = None) -> list[torch.Tensor]:
         """The parameters a subnet needs for `mixer` in this block's mixer branch; a skipped mixer keeps the
-        residual's scale a1. SReT has no width choice: `dim` can only be the full width."""
+        residual's scale a1 (an affine skip its norm and both scalars). SReT has no width choice: `dim` can only be
+        the full width."""
+        if mixer == "skip" and self.attn.skip_affine is not None:
+            return [*self.norm1.parameters(), *self.residual1.parameters()]
         if mixer == "skip":
             return [self.residual1.alpha]
         return [*self.norm1.parameters(), *self.residual1.parameters(), *self.attn.parameters_for(mixer, dim)]
@@ -273,7 +280,7 @@ class SReTSupernet(SReTStemAndHead, Supernet):
         """The deterministic choice of the current gates (logit > 0), at the model's group counts."""
         return super().architecture().with_extras(groups=self.groups)
 
-    def validate_architecture(self, arch: Architecture) -> None:
+    def validate_choices(self, arch: Architecture) -> None:
         arch.validate_for(
             model=self.name,
             img_size=self.img_size,

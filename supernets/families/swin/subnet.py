@@ -62,16 +62,16 @@ class SwinSubnet(SwinStemAndHead, Subnet):
         swin = self.create_source(arch, model_kwargs, fold_bn)
         self.adopt_stem_and_head(swin, arch.model)
         blocks = zip(self.source_blocks(swin), arch.blocks, strict=True)
-        self.blocks = nn.Sequential(*[self._block(block, choice, fold_bn) for block, choice in blocks])
+        self.blocks = nn.Sequential(*[self._block(block, choice, fold_bn, arch.skip_mixer) for block, choice in blocks])
 
     @staticmethod
     def source_blocks(source: nn.Module) -> list[nn.Module]:
         return [b for stage in source.layers for b in stage.blocks]
 
     @staticmethod
-    def _block(block: SwinTransformerBlock, choice: BlockChoice, fold_bn: bool) -> SubnetBlock:
+    def _block(block: SwinTransformerBlock, choice: BlockChoice, fold_bn: bool, skip_mixer: str) -> SubnetBlock:
         grid = tuple(block.input_resolution)
-        mixer = plain_mixer(choice, block.attn, grid, 0, fold_bn, msa=lambda: ShiftedWindowAttention(block))
+        mixer = plain_mixer(choice, block.attn, grid, 0, fold_bn, lambda: ShiftedWindowAttention(block), skip_mixer)
         mlp = PrunedMlp.from_timm(block.mlp, len(choice.mlp_kept))
         parts = (block.norm1, nn.Identity(), block.drop_path1, block.norm2, nn.Identity(), block.drop_path2)
         return SubnetBlock(mixer, *parts, mlp)

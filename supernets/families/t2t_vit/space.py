@@ -28,4 +28,4 @@ class T2TSpace(BlockwiseSpace):
         net, heads = self.net, params["num_heads"]
         blocks = self._blocks(params, params["depth"])
         extras = {"embed_dim": heads * net.head_dim, "num_heads": heads}
-        return Architecture(net.name, net.img_size, net.num_classes, blocks, extras)
+        return net.architecture_of(blocks, extras)

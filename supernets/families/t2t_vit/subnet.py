@@ -51,7 +51,7 @@ class T2TViTSubnet(T2TViT, Subnet):
         grid = self.tokens_to_token.grid_size
         self.blocks = nn.Sequential(
             *[
-                SubnetBlock.from_timm(block, choice, grid, self.num_prefix_tokens, fold_bn)
+                SubnetBlock.from_timm(block, choice, grid, self.num_prefix_tokens, fold_bn, arch.skip_mixer)
                 for block, choice in zip(self.blocks, arch.blocks, strict=True)
             ]
         )

@@ -147,7 +147,7 @@ class T2TViTSupernet(Supernet):
         """The deterministic choice of the current gates (logit > 0), at full depth and width."""
         return super().architecture().with_extras(embed_dim=self.embed_dim, num_heads=self.num_heads)
 
-    def validate_architecture(self, arch: Architecture) -> None:
+    def validate_choices(self, arch: Architecture) -> None:
         validate_t2t_architecture(
             arch,
             model=self.name,

@@ -32,7 +32,7 @@ class VisionTransformerSubnet(ViTStemAndHead, Subnet):
         self.adopt_stem_and_head(vit, arch.model)
         self.blocks = nn.Sequential(
             *[
-                SubnetBlock.from_timm(block, choice, self.grid_size, self.num_prefix_tokens, fold_bn)
+                SubnetBlock.from_timm(block, choice, self.grid_size, self.num_prefix_tokens, fold_bn, arch.skip_mixer)
                 for block, choice in zip(vit.blocks, arch.blocks, strict=True)
             ]
         )
