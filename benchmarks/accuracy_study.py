@@ -16,7 +16,10 @@ What it compares. A small DeiT-like model (timm's `test_vit`: dim 64, depth 6, 2
   per-block widths, as close under the budget as the greedy projection gets);
 - `attention_drop`: skip the attention layers whose removal alone costs the least val loss, then magnitude
   MLP pruning to the budget; of the feasible numbers of skipped layers, the one with the lowest one-shot loss;
-- `optuna`: `spvit search --strategy optuna` (TPE, scored with the dense weights shared, BN recalibrated).
+- `optuna`: `spvit search --strategy optuna` (TPE, scored with the dense weights shared, BN recalibrated);
+- `spvit_affine`: `spvit` with RIFormer's affine skip (`--skip-mixer affine`) in the search and the subnet;
+- `spvit_affine_imitation`: the same searched subnet, fine-tuned with module imitation (`--imitation`) on top
+  of the soft KD. (`spvit` itself is the identity skip with soft KD.)
 
 Every candidate is fine-tuned the same way (`spvit finetune`: soft KD from the dense model, α 0.5, τ 1) for the
 same number of weight-training epochs in all: `spvit` gets `--finetune-epochs` after its search's
@@ -32,6 +35,7 @@ Run from the repository root: `.venv/bin/python benchmarks/accuracy_study.py [--
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import shutil
@@ -62,7 +66,10 @@ from supernets.io import atomic_write_bytes
 
 BENCHMARKS = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCHMARKS / "results" / "accuracy_study.json"
-METHODS = ("dense", "spvit", "spvit_dense_init", "magnitude", "uniform", "random", "attention_drop", "optuna")
+METHODS = (
+    "dense", "spvit", "spvit_dense_init", "magnitude", "uniform", "random", "attention_drop", "optuna", "spvit_affine",
+    "spvit_affine_imitation",
+)  # fmt: skip
 
 
 def uniform_architecture(
@@ -123,17 +130,20 @@ def attention_drop_architecture(
     return None if best is None else best[1]
 
 
-def finetune(subnet_dir: Path, out: Path, data: str, epochs: int, seed: int, init: str = "subnet") -> dict[str, Any]:
+def finetune(
+    subnet_dir: Path, out: Path, data: str, epochs: int, seed: int, init: str = "subnet", imitation: bool = False
+) -> dict[str, Any]:
     return run_finetune(
         FinetuneConfig(subnet=str(subnet_dir), data=data, out=str(out), distillation="soft", epochs=epochs, seed=seed,
-                       init=init, num_workers=0, progress=False)
+                       init=init, imitation=imitation, num_workers=0, progress=False)
     )  # fmt: skip
 
 
 def search_config(args: argparse.Namespace, demo: DemoConfig, dense_weights: Path, budget: float, seed: int,
-                  out: Path) -> SearchConfig:  # fmt: skip
+                  out: Path, skip_mixer: str = "identity") -> SearchConfig:  # fmt: skip
     """The study's search at `budget`, with `--search-set` applied over the demo's settings."""
     settings = {
+        "skip_mixer": skip_mixer,
         "model": demo.model, "data": args.data, "out": str(out), "target": f"{budget}x",
         "checkpoint": str(dense_weights), "img_size": demo.img_size, "model_kwargs": demo.model_kwargs,
         "epochs": args.search_epochs, "lr": demo.search_lr, "gate_lr": demo.gate_lr, "seed": seed, "num_workers": 0,
@@ -162,6 +172,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         demo.model, checkpoint_path=dense_weights, img_size=demo.img_size, num_classes=classes, **demo.model_kwargs
     )
     lut = build_lookup_table(net)
+    affine_net = copy.deepcopy(net)
+    affine_net.set_skip_mixer("affine")
+    luts = {"identity": lut, "affine": build_lookup_table(affine_net)}  # an affine skip's norm has its cost
     dense_state = {k: v.clone() for k, v in net.state_dict().items()}
     dense_macs = lut.dense_flops()
     magnitude = [unit_ranking(b.mlp) for b in net.blocks]
@@ -175,21 +188,23 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     msa_floor = lut.flops(Architecture(net.name, net.img_size, net.num_classes, tuple(no_mlp)))
 
     def record(method: str, budget: float | None, seed: int, arch: Architecture, source_net, name: str,
-               epochs: int = total_epochs, init: str = "subnet") -> None:  # fmt: skip
+               epochs: int = total_epochs, init: str = "subnet", imitation: bool = False) -> None:  # fmt: skip
         subnet_dir = out / "subnets" / name
         before = one_shot_metrics(source_net, arch, val_loader)["acc1"]
         save_subnet(export_subnet(source_net, arch), subnet_dir, source=source)
         started = time.perf_counter()
-        summary = finetune(subnet_dir, out / "finetune" / name, args.data, epochs, seed, init)
+        summary = finetune(subnet_dir, out / "finetune" / name, args.data, epochs, seed, init, imitation)
+        priced = luts[arch.skip_mixer]
         runs.append(
             {
-                "method": method, "budget": budget, "seed": seed, "macs": lut.flops(arch), "params": lut.params(arch),
+                "method": method, "budget": budget, "seed": seed, "macs": priced.flops(arch),
+                "params": priced.params(arch),
                 "acc1": summary["val_acc1"], "acc1_before_finetune": before, "finetune_epochs": epochs,
                 "mixers": list(arch.mixers), "mlp_widths": [len(b.mlp_kept) for b in arch.blocks],
                 "finetune_s": time.perf_counter() - started,
             }
         )  # fmt: skip
-        print(f"{name}: {lut.flops(arch) / dense_macs:.3f}x, top-1 {before:.2f}% -> {summary['val_acc1']:.2f}%",
+        print(f"{name}: {priced.flops(arch) / dense_macs:.3f}x, top-1 {before:.2f}% -> {summary['val_acc1']:.2f}%",
               flush=True)  # fmt: skip
 
     methods = set(args.methods)
@@ -216,6 +231,14 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                     record("spvit", budget, seed, arch, searched, f"spvit_{budget}x_s{seed}", args.finetune_epochs)
                 if "spvit_dense_init" in methods:
                     record("spvit_dense_init", budget, seed, arch, net, f"spvit_dense_init_{budget}x_s{seed}")
+            if methods & {"spvit_affine", "spvit_affine_imitation"}:
+                search_dir = out / "search" / f"affine_{budget}x_s{seed}"
+                run_search(search_config(args, demo, dense_weights, budget, seed, search_dir, skip_mixer="affine"))
+                searched = load_search_supernet(search_dir / "supernet.safetensors")
+                arch = Architecture.load(search_dir / "arch.json")
+                for method in sorted(methods & {"spvit_affine", "spvit_affine_imitation"}):
+                    record(method, budget, seed, arch, searched, f"{method}_{budget}x_s{seed}", args.finetune_epochs,
+                           imitation=method.endswith("imitation"))  # fmt: skip
             for method, arch in shapes.items():
                 record(method, budget, seed, arch, net, f"{method}_{budget}x_s{seed}")
             if "random" in methods:
