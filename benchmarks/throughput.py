@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.classification import ClassificationTask
-from finetune.devices import AMP_MODES, autocast, device_name, pin_memory, resolve_device, synchronize, to_device
+from finetune.devices import AMP_MODES, autocast, pin_memory, resolve_device, to_device
 from finetune.distillation import DistillationLoss
 from finetune.distributed import DistributedContext
 from finetune.engine import Engine, EngineConfig
@@ -75,6 +75,7 @@ from spvit_search.finetuning import DistillationTask, FinetuneConfig, build_teac
 from spvit_search.projection import project_to_budget
 from spvit_search.search import SearchConfig, SearchTask
 from supernets import MIXERS, GateConfig, build_supernet
+from supernets.devices import device_name, synchronize
 from supernets.registry import create_source_model
 
 BENCHMARKS = Path(__file__).resolve().parent

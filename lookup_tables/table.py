@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from supernets.family import Family, family_of, family_of_model_name
 from supernets.io import atomic_write_text
 
 from .counting import count_macs, count_macs_by_child, fixed_rows
+from .latency import LatencyContext, LatencyPrediction, TimerFn, measure_latency
 from .spvit_formula import spvit_rows
 from .table_format import (
     CHOICES,
@@ -41,6 +42,8 @@ from .table_format import (
     EXTRA_MSA,
     FORMAT,
     FORMAT_VERSION,
+    LATENCY_COLUMNS,
+    LATENCY_HEADER,
     META_TYPES,
     SKIP_MIXER,
     WIDTH,
@@ -64,12 +67,13 @@ class LookupTable:
 
     def __init__(self, meta: dict[str, Any], frame: pd.DataFrame) -> None:
         self.device_costs: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # `differentiable_flops`' constants
-        self.meta = {k: meta[k] for k in (*META_TYPES, CHOICES, SKIP_MIXER) if k in meta}
+        self.meta = {k: meta[k] for k in (*META_TYPES, CHOICES, SKIP_MIXER, LATENCY_HEADER) if k in meta}
         if self.meta["convention"] not in CONVENTIONS:
             raise ValueError(f"convention '{self.meta['convention']}': expected one of {', '.join(CONVENTIONS)}")
         if WIDTH not in frame.columns:
             frame = frame.assign(**{WIDTH: 0})
-        self._frame = frame[[*COLUMNS, WIDTH]].astype(
+        latency = [c for c in LATENCY_COLUMNS if c in frame.columns]
+        self._frame = frame[[*COLUMNS, WIDTH, *latency]].astype(
             {
                 "block": int,
                 "item": str,
@@ -78,6 +82,7 @@ class LookupTable:
                 "params": np.int64,
                 "units": np.int64,
                 WIDTH: np.int64,
+                **dict.fromkeys(latency, np.float64),
             }
         )
         self._frame = self._frame.reset_index(drop=True)
@@ -102,6 +107,11 @@ class LookupTable:
         self.extra_msa: dict[int, dict[str, int]] = {}
         for row in blocks[blocks.item == EXTRA_MSA].itertuples():
             self.extra_msa.setdefault(int(row.block), {})[row.choice] = int(row.macs)
+        self._latency: LatencyPrediction | None = None
+        if LATENCY_HEADER in self.meta:
+            header = self.meta[LATENCY_HEADER]
+            rows = self._rows.to_dict("records")
+            self._latency = LatencyPrediction(rows, header["fixed_ms"], header["scale"], header["offset"])
         narrower = {w: LookupTable(self.meta, self._frame[self._frame[WIDTH] == w]) for w in widths[:-1]}
         self._by_width = narrower | {widths[-1]: self}
 
@@ -173,6 +183,29 @@ class LookupTable:
         d = arch.depth
         per_block = table._mixer_macs(arch, mixers) + table.mlp_fixed_macs[:d] + table.mlp_unit_macs[:d] * units
         return table.fixed_macs + int(per_block.sum())
+
+    @property
+    def latency_prediction(self) -> LatencyPrediction | None:
+        """The latency model of the full width (its parts, MLP curves and correction); None without latency."""
+        return self._latency
+
+    @property
+    def latency_context(self) -> LatencyContext | None:
+        """What the latency columns were measured on; None in a table without them."""
+        if self._latency is None:
+            return None
+        header = self.meta[LATENCY_HEADER]
+        return LatencyContext(**{f: header[f] for f in LatencyContext.__dataclass_fields__})
+
+    def latency(self, arch: Architecture, context: LatencyContext | None = None) -> float:
+        """Predicted milliseconds of `arch`'s exported subnet per batch, in the context the table was measured in
+        (`context`, when given, must be that one)."""
+        self.check(arch)
+        if self._latency is None:
+            raise ValueError("this lookup table has no latency columns; measure one with `spvit lut --latency`")
+        if context is not None:
+            self.latency_context.check_matches(context)
+        return self._latency(arch)
 
     def params(self, arch: Architecture) -> int:
         """Parameters `arch` needs as searched (a conv keeps v, proj, z and its BN; gates are not counted)."""
@@ -291,6 +324,24 @@ def build_lookup_table(net: nn.Module, convention: str = "fvcore") -> LookupTabl
         row.setdefault("units", 0)
         row.setdefault(WIDTH, 0)
     return LookupTable(meta, pd.DataFrame(rows, columns=[*COLUMNS, WIDTH]))
+
+
+def build_latency_table(
+    net: nn.Module,
+    export: Callable[[Architecture], nn.Module],
+    context: LatencyContext,
+    timer: TimerFn,
+    convention: str = "fvcore",
+    mlp_points: int = 32,
+    checks: int = 4,
+) -> LookupTable:
+    """`build_lookup_table(net, convention)` with every choice's latency measured by `timer` on `net`'s device in
+    `context` (see `lookup_tables.latency`); `export(arch)` builds the plain subnet the timings run."""
+    table = build_lookup_table(net, convention)
+    shapes = _block_input_shapes(net, net.dense_architecture())
+    rows, header = measure_latency(net, table.to_frame().to_dict("records"), shapes, export, context, timer,
+                                   mlp_points, checks)  # fmt: skip
+    return LookupTable(table.meta | {LATENCY_HEADER: header}, pd.DataFrame(rows))
 
 
 def _measured_rows(net: nn.Module, family: Family, convention: str, embed_dim: int) -> list[dict[str, Any]]:

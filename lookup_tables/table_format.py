@@ -28,6 +28,8 @@ COLUMNS = ["block", "item", "choice", "macs", "params", "units"]
 META_TYPES = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "convention": str}
 CHOICES = "discrete_choices"  # the optional header field of a supernet with choices outside its blocks
 SKIP_MIXER = "skip_mixer"  # the optional header field of a table whose skip rows price the affine skip
+LATENCY_HEADER = "latency"  # the optional header field of a measured latency table: its context and correction
+LATENCY_COLUMNS = ["latency_ms", "latency_spread_ms"]  # the optional columns of such a table
 WIDTH = "width"  # the optional column: the embedding width a row prices (0: the supernet's only one)
 WIDTH_FIELD = "embed_dim"  # the architecture field that picks the width
 # The `item` of the extra msa rows (named after the first choice that needed them, the group splits).
@@ -52,6 +54,7 @@ def read_table_text(text: str) -> tuple[dict[str, Any], pd.DataFrame]:
             raise ValueError(f"header: {name}: required field is missing")
         check_type(f"header: {name}", meta[name], expected)
     check_type(f"header: {SKIP_MIXER}", meta.get(SKIP_MIXER, "identity"), str)
+    check_type(f"header: {LATENCY_HEADER}", meta.get(LATENCY_HEADER, {}), dict)
     check_type(f"header: {CHOICES}", meta.get(CHOICES, {}), dict)
     for name, values in meta.get(CHOICES, {}).items():
         check_type(f"header: {CHOICES}.{name}", values, list)
@@ -74,7 +77,12 @@ def read_table_text(text: str) -> tuple[dict[str, Any], pd.DataFrame]:
     frame["choice"] = frame["choice"].astype(str)
     for choice in frame.choice[frame.item == EXTRA_MSA]:
         parse_selector(choice)
-    return meta, frame[[*COLUMNS, WIDTH]].reset_index(drop=True)
+    latency = [c for c in LATENCY_COLUMNS if c in frame.columns]
+    if latency and LATENCY_HEADER not in meta:
+        raise ValueError(f"latency columns without the header's '{LATENCY_HEADER}' field")
+    for column in latency:
+        frame[column] = pd.to_numeric(frame[column], errors="raise").astype("float64")
+    return meta, frame[[*COLUMNS, WIDTH, *latency]].reset_index(drop=True)
 
 
 def table_width(arch: Architecture) -> int:

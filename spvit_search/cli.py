@@ -24,6 +24,8 @@ from .settings import SettingsFileError, SettingsParser, add_settings, group, in
 # on, not the user's, and a command's stderr is its own one-line messages.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
 
+from lookup_tables.latency import DTYPES  # noqa: E402
+
 from .data import TrainDataConfig  # noqa: E402
 from .demo import DemoConfig  # noqa: E402
 from .finetuning import FinetuneConfig  # noqa: E402
@@ -49,11 +51,21 @@ _BAD_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Fi
 export_setting = group("export")
 
 
+latency_setting = group("latency")
+
+
 @dataclass(kw_only=True)
 class LutConfig(DeviceSettings, SearchSpaceSettings, ModelSettings):
     num_classes: int | None = inherit(ModelSettings, "num_classes", default_text="the model's")
     convention: str = inherit(BudgetSettings, "convention", group="lookup table")
     out: str | None = setting(None, group="lookup table", help="CSV file to write", default_text="print only")
+    latency: bool = latency_setting(
+        False, help="also measure every choice's latency on --device, and the correction of their sum end to end"
+    )
+    batch: int = latency_setting(1, help="images per timed forward")
+    dtype: str = latency_setting("fp32", choices=tuple(DTYPES), help="the timed forwards' precision (autocast)")
+    threads: int | None = latency_setting(None, help="CPU threads of the timings", default_text="torch's")
+    mlp_points: int = latency_setting(32, help="MLP widths timed per block, evenly spaced; linear in between")
 
 
 @dataclass(kw_only=True)
@@ -88,6 +100,11 @@ class EvalConfig(DeviceSettings, TrainDataConfig, WeightsSettings, ModelSettings
         ModelSettings, "model", None, exclusive="source", required=True, help="timm or supernet model name"
     )
     latency_batch: int = setting(1, group="data", help="batch size of the latency measurement")
+    lut: str | None = setting(
+        None, group="model", default_text="none",
+        help="a latency lookup table (`spvit lut --latency`) of the subnet's supernet: its prediction is printed next "
+        "to the measured latency",
+    )  # fmt: skip
     compile: bool = inherit(ComputeSettings, "compile", help="torch.compile the model for accuracy and latency")
 
 
@@ -188,9 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_lut(args: argparse.Namespace) -> None:
+    import torch
+
     from finetune.devices import resolve_device
-    from lookup_tables import build_lookup_table
+    from lookup_tables import LatencyContext, Timer, build_latency_table, build_lookup_table
     from supernets import GateConfig, build_supernet
+
+    from .export import export_subnet
 
     config = settings_from_args(LutConfig, args)
     device = resolve_device(config.device)
@@ -198,13 +219,31 @@ def run_lut(args: argparse.Namespace) -> None:
     net = build_supernet(
         config.model, img_size=config.img_size, num_classes=config.num_classes, gates=gates, **config.model_kwargs
     ).to(device)
-    lut = build_lookup_table(net, config.convention)
+    if config.latency:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads or threads)
+        try:
+            context = LatencyContext.of(device, config.batch, config.dtype, config.threads)
+            lut = build_latency_table(net, lambda arch: export_subnet(net, arch), context, Timer(device),
+                                      config.convention, config.mlp_points)  # fmt: skip
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        lut = build_lookup_table(net, config.convention)
     low, high = lut.range()
     dense = lut.dense_flops()
     print(f"{config.model} at {net.img_size}px, {net.num_classes} classes, '{config.convention}' convention")
     print(f"dense {dense / 1e9:.4f} GMACs, {lut.params(net.dense_architecture()) / 1e6:.3f} M params")
     print(f"range {low / 1e9:.4f} .. {high / 1e9:.4f} GMACs ({low / dense:.3f}x .. {high / dense:.3f}x of dense)")
     print(lut.summary().to_string())
+    if config.latency:
+        header = lut.meta["latency"]
+        print(f"latency on {context.describe()}: dense {lut.latency(net.dense_architecture()):.3f} ms per batch")
+        for check in header["checks"]:
+            error = check["predicted_ms"] / check["measured_ms"] - 1
+            print(f"  {check['arch']}: measured {check['measured_ms']:.3f} ms, predicted {check['predicted_ms']:.3f} "
+                  f"ms ({error:+.1%})")  # fmt: skip
+        print(f"  correction: {header['scale']:.3f} x the sum of the parts + {header['offset']:.3f} ms")
     if config.out:
         lut.save(config.out)
         print(f"wrote {config.out}")
@@ -321,6 +360,7 @@ def run_finetune_command(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from finetune.devices import pin_memory, resolve_device
+    from lookup_tables import LatencyContext, LookupTable
     from supernets.registry import create_source_model
 
     from .data import build_dataset, build_loader, loader_workers, num_classes_of
@@ -349,6 +389,15 @@ def run_eval(args: argparse.Namespace) -> None:
     model = model.to(device).eval()
     described = describe_model(model, loader, img_size, config.latency_batch, compiled=config.compile)
     print(format_description(name, described))
+    if config.lut is not None:
+        if config.subnet is None:
+            raise ValueError("--lut predicts a subnet's latency: give --subnet")
+        lut = LookupTable.load(config.lut)
+        context = LatencyContext.of(device, config.latency_batch, "fp32")
+        predicted = lut.latency(model.arch, context)
+        error = predicted / described["latency_ms"] - 1
+        print(f"latency: measured {described['latency_ms']:.3f} ms, predicted {predicted:.3f} ms ({error:+.1%}) by "
+              f"{config.lut}")  # fmt: skip
 
 
 def run_demo_command(args: argparse.Namespace) -> None:

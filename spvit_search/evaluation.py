@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.classification import evaluate_classifier
-from finetune.devices import device_name, synchronize
 from lookup_tables.counting import count_macs
+from supernets.devices import device_name, synchronize
 
 
 @torch.inference_mode()

@@ -231,7 +231,11 @@ class SubnetBlock(nn.Module):
         """The mixer branch's update of x (B, N, D): zero for an identity skip."""
         return torch.zeros_like(x) if self.mixer is None else self.ls1(self.mixer(self.norm1(x)))
 
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP branch's update of x (B, N, D)."""
+        return self.ls2(self.mlp(self.norm2(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, D)
         if self.mixer is not None:
             x = x + self.drop_path1(self.mixer_branch(x))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x + self.drop_path2(self.mlp_branch(x))

@@ -63,7 +63,11 @@ class SReTSubnetBlock(nn.Module):
             x = self.residual1(x)
         else:
             x = self.residual1(x, self.drop_path(self.mixer_branch(x, groups, permute)))
-        return self.residual2(x, self.drop_path(self.mlp(self.norm2(x))))
+        return self.residual2(x, self.drop_path(self.mlp_branch(x)))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's output on the normed tokens x (B, N, D), before the residual's scale b."""
+        return self.mlp(self.norm2(x))
 
 
 class SReTSubnet(SReTStemAndHead, Subnet):

@@ -1,0 +1,137 @@
+"""The latency lookup table's arithmetic, checked with a fake timer that prices what it is asked to time: the
+parts it stores, the MLP curve it interpolates, the end-to-end correction it fits, and what it refuses. (Real
+timings are benchmarks' business: benchmarks/latency_lut.py.)"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from lookup_tables import LatencyContext, LookupTable, Timer, build_latency_table, build_lookup_table
+from lookup_tables.latency import MLP_WIDTH, mlp_grid
+from spvit_search.cli import main
+from spvit_search.export import export_subnet, save_subnet
+from supernets import MIXERS, BlockChoice, GateConfig, build_supernet
+
+MIXER_MS = {"skip": 0.05, "bconv1": 0.4, "bconv3": 0.9, "msa": 1.5}
+CPU = torch.device("cpu")
+
+
+def mlp_ms(width: int, bend: float) -> float:
+    return 0.2 + 0.003 * width + bend * width * width
+
+
+class FakeTimer:
+    """Prices each key instead of timing it (but runs the call once, as the real one does): a mixer and an MLP by
+    the tables above, a network as 1.3 x (its parts + 0.8 ms of its own) + 0.25 ms of launches."""
+
+    def __init__(self, bend: float = 0.0) -> None:
+        self.bend = bend
+        self.keys: list[tuple] = []
+
+    def network(self, arch) -> float:
+        parts = sum(MIXER_MS[b.mixer] * (b.mixer != "skip" or arch.skip_mixer == "affine") for b in arch.blocks)
+        parts += sum(mlp_ms(len(b.mlp_kept), self.bend) for b in arch.blocks)
+        return 1.3 * (parts + 0.8) + 0.25
+
+    def __call__(self, key, fn):
+        fn()
+        self.keys.append(key)
+        kind = key[0]
+        if kind == "mixer":
+            return MIXER_MS[key[2]], 0.01
+        if kind == "mlp":
+            return mlp_ms(key[2], self.bend), 0.01
+        return self.network(key[1]), 0.02
+
+
+def tiny(skip_mixer: str = "identity"):
+    torch.manual_seed(0)
+    return build_supernet("test_vit", img_size=16, num_classes=10, patch_size=4, depth=3, gates=GateConfig(
+        skip_mixer=skip_mixer)).eval()  # fmt: skip
+
+
+CONTEXT = LatencyContext.of(CPU, batch=2, dtype="fp32", threads=1)
+
+
+def latency_table(net, timer, **kwargs) -> LookupTable:
+    return build_latency_table(net, lambda arch: export_subnet(net, arch), CONTEXT, timer, mlp_points=8, **kwargs)
+
+
+def random_architectures(net, count: int, seed: int = 1):
+    rng = random.Random(seed)
+    return [net.architecture_of([BlockChoice(rng.choice(MIXERS), tuple(sorted(rng.sample(range(h), rng.randint(0, h)))))
+                                 for h in net.mlp_hidden]) for _ in range(count)]  # fmt: skip
+
+
+@pytest.mark.parametrize("skip_mixer", ["identity", "affine"])
+def test_a_linear_world_is_predicted_exactly(skip_mixer):
+    net = tiny(skip_mixer)
+    timer = FakeTimer()
+    lut = latency_table(net, timer)
+    for arch in [net.dense_architecture(), *random_architectures(net, 6)]:
+        assert lut.latency(arch) == pytest.approx(timer.network(arch), rel=1e-9)
+    header = lut.meta["latency"]
+    assert header["scale"] == pytest.approx(1.3) and len(header["checks"]) == 4
+    assert all(c["predicted_ms"] == pytest.approx(c["measured_ms"]) for c in header["checks"])
+    identity_skips = [k for k in timer.keys if k[0] == "mixer" and k[2] == "skip"]
+    assert bool(identity_skips) == (skip_mixer == "affine")  # an identity skip runs nothing to time
+
+
+def test_the_mlp_curve_is_interpolated_between_its_points():
+    net = tiny()
+    lut = latency_table(net, FakeTimer(bend=2e-5))
+    frame = lut.to_frame()
+    curve = frame[(frame.item == MLP_WIDTH) & (frame.block == 0)]
+    assert curve.units.tolist() == mlp_grid(net.mlp_hidden[0], 8) == list(range(0, 193, 24))  # 192 hidden units
+    prediction = lut.latency_prediction
+    assert prediction.mlp(0, 36) == pytest.approx((mlp_ms(24, 2e-5) + mlp_ms(48, 2e-5)) / 2)
+    assert prediction.mlp_slope(0, 36) == pytest.approx((mlp_ms(48, 2e-5) - mlp_ms(24, 2e-5)) / 24)
+    for arch in random_architectures(net, 6, seed=2):  # off the grid, within its chords' error
+        assert lut.latency(arch) == pytest.approx(FakeTimer(bend=2e-5).network(arch), rel=2e-3)
+
+
+def test_saved_tables_keep_their_latency_and_refuse_other_contexts(tmp_path):
+    net = tiny()
+    lut = latency_table(net, FakeTimer())
+    lut.save(tmp_path / "lut.csv")
+    loaded = LookupTable.load(tmp_path / "lut.csv")
+    arch = random_architectures(net, 1)[0]
+    assert loaded.latency(arch, CONTEXT) == pytest.approx(lut.latency(arch))
+    assert loaded.latency_context == CONTEXT
+    header = json.loads((tmp_path / "lut.csv").read_text().splitlines()[0][2:])
+    assert {"device", "batch", "dtype", "threads", "torch", "fixed_ms", "scale", "offset"} <= set(header["latency"])
+    for change, field in (({"batch": 64}, "batch 2"), ({"dtype": "bf16"}, "dtype 'fp32'"),
+                          ({"threads": 4}, "threads 1"), ({"device": "NVIDIA H200"}, "device")):  # fmt: skip
+        other = LatencyContext(**{**CONTEXT.__dict__, **change})
+        with pytest.raises(ValueError, match=f"the latency table was measured with {field}"):
+            loaded.latency(arch, other)
+    with pytest.raises(ValueError, match="has no latency columns; measure one with `spvit lut --latency`"):
+        build_lookup_table(net).latency(arch)
+
+
+def test_a_real_timer_reports_the_median_and_spread_of_its_clock():
+    ticks = iter([0.0, 0.010, 1.0, 1.012, 2.0, 2.011, 3.0, 3.050, 4.0, 4.010])
+    timer = Timer(CPU, repeats=5, warmup=1, clock=lambda: next(ticks))
+    calls = []
+    median, spread = timer(("anything",), lambda: calls.append(1))
+    assert len(calls) == 6 and median == pytest.approx(11.0) and spread > 0
+
+
+def test_lut_measures_and_eval_refuses_a_table_of_another_batch(tmp_path, capsys):
+    model = ["--model", "test_vit", "--img-size", "16", "--num-classes", "10", "--model-kwargs", "patch_size=4",
+             "depth=2"]  # fmt: skip
+    lut_path = tmp_path / "lut.csv"
+    args = ["lut", *model, "--latency", "--batch", "2", "--threads", "1", "--mlp-points", "2", "--device", "cpu"]
+    assert main([*args, "--out", str(lut_path)]) == 0
+    assert "correction:" in capsys.readouterr().out
+    lut = LookupTable.load(lut_path)
+    assert lut.latency_context.batch == 2 and lut.latency_context.threads == 1
+    net = build_supernet("test_vit", img_size=16, num_classes=10, patch_size=4, depth=2)
+    save_subnet(export_subnet(net, net.dense_architecture()), tmp_path / "subnet")
+    evaluate = ["eval", "--subnet", str(tmp_path / "subnet"), "--lut", str(lut_path), "--device", "cpu"]
+    assert main([*evaluate, "--latency-batch", "3"]) == 2
+    assert "the latency table was measured with batch 2, not 3" in capsys.readouterr().err
