@@ -31,9 +31,8 @@ from supernets import MIXERS, Architecture, BlockChoice
 from supernets.devices import device_name, synchronize
 from supernets.family import family_of
 
-LATENCY = "latency_ms"
-SPREAD = "latency_spread_ms"
-MLP_WIDTH = "mlp_width"  # the item of the rows of the MLP latency curve; their `units` are the kept width
+from .table_format import LATENCY, MLP_WIDTH, SPREAD, LatencyPrediction
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # A timer takes what is timed and the call, and returns (median, spread) in ms. The key, which a fake timer can
@@ -199,43 +198,3 @@ def measure_latency(
 
 def _call(branch: Callable[..., torch.Tensor], kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: branch(x, **kwargs)
-
-
-class LatencyPrediction:
-    """The latency of an architecture from the table's latency columns: the fixed part, each block's mixer and its
-    MLP's curve at the kept width (linear between the grid's points), then corrected."""
-
-    def __init__(self, rows: list[dict[str, Any]], fixed_ms: float, scale: float, offset: float) -> None:
-        self.rows, self.fixed_ms, self.scale, self.offset = rows, fixed_ms, scale, offset
-        self.mixers: dict[tuple[int, str], float] = {}
-        curves: dict[int, list[tuple[int, float]]] = {}
-        for r in rows:
-            if r["item"] == "mixer":
-                self.mixers[r["block"], r["choice"]] = float(r[LATENCY])
-            elif r["item"] == MLP_WIDTH:
-                curves.setdefault(int(r["block"]), []).append((int(r["units"]), float(r[LATENCY])))
-        self.curves = {b: np.array(sorted(c), dtype=np.float64) for b, c in curves.items()}  # (points, 2)
-
-    def with_fixed(self, fixed_ms: float) -> LatencyPrediction:
-        return LatencyPrediction(self.rows, fixed_ms, self.scale, self.offset)
-
-    def mlp(self, block: int, width: float) -> float:
-        curve = self.curves[block]
-        return float(np.interp(width, curve[:, 0], curve[:, 1]))
-
-    def mlp_slope(self, block: int, width: float) -> float:
-        """ms per kept unit of block `block`'s MLP at `width`: the slope of the grid segment holding it."""
-        curve = self.curves[block]
-        k = int(np.clip(np.searchsorted(curve[:, 0], width, side="right") - 1, 0, len(curve) - 2))
-        (w0, t0), (w1, t1) = curve[k], curve[k + 1]
-        return float((t1 - t0) / (w1 - w0))
-
-    def raw(self, arch: Architecture) -> float:
-        """The sum of the parts, uncorrected."""
-        total = self.fixed_ms
-        for i, b in enumerate(arch.blocks):
-            total += self.mixers.get((i, b.mixer), 0.0) + self.mlp(i, len(b.mlp_kept))
-        return total
-
-    def __call__(self, arch: Architecture) -> float:
-        return self.scale * self.raw(arch) + self.offset

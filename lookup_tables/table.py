@@ -34,7 +34,7 @@ from supernets.family import Family, family_of, family_of_model_name
 from supernets.io import atomic_write_text
 
 from .counting import count_macs, count_macs_by_child, fixed_rows
-from .latency import LatencyContext, LatencyPrediction, TimerFn, measure_latency
+from .latency import LatencyContext, TimerFn, measure_latency
 from .spvit_formula import spvit_rows
 from .table_format import (
     CHOICES,
@@ -47,6 +47,7 @@ from .table_format import (
     META_TYPES,
     SKIP_MIXER,
     WIDTH,
+    LatencyPrediction,
     dearest_selection,
     read_table_text,
     selected_rows,

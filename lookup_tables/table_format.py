@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from supernets.architecture import Architecture, check_type
@@ -29,7 +30,9 @@ META_TYPES = {"model": str, "img_size": int, "num_classes": int, "model_kwargs":
 CHOICES = "discrete_choices"  # the optional header field of a supernet with choices outside its blocks
 SKIP_MIXER = "skip_mixer"  # the optional header field of a table whose skip rows price the affine skip
 LATENCY_HEADER = "latency"  # the optional header field of a measured latency table: its context and correction
-LATENCY_COLUMNS = ["latency_ms", "latency_spread_ms"]  # the optional columns of such a table
+LATENCY, SPREAD = "latency_ms", "latency_spread_ms"  # the optional columns of such a table: median and spread
+LATENCY_COLUMNS = [LATENCY, SPREAD]
+MLP_WIDTH = "mlp_width"  # the item of a latency table's MLP curve rows; their `units` are the kept width
 WIDTH = "width"  # the optional column: the embedding width a row prices (0: the supernet's only one)
 WIDTH_FIELD = "embed_dim"  # the architecture field that picks the width
 # The `item` of the extra msa rows (named after the first choice that needed them, the group splits).
@@ -122,3 +125,44 @@ def dearest_selection(rows: Mapping[str, int]) -> int:
         field, path, _ = parse_selector(choice)
         dearest[field, path] = max(dearest.get((field, path), 0), macs)
     return sum(dearest.values())
+
+
+class LatencyPrediction:
+    """The latency of an architecture from the table's latency columns: the fixed part, each block's mixer and its
+    MLP's curve at the kept width (linear between the grid's points), then corrected."""
+
+    def __init__(self, rows: list[dict[str, Any]], fixed_ms: float, scale: float, offset: float) -> None:
+        self.rows, self.fixed_ms, self.scale, self.offset = rows, fixed_ms, scale, offset
+        self.mixers: dict[tuple[int, str], float] = {}
+        curves: dict[int, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r["item"] == "mixer":
+                self.mixers[r["block"], r["choice"]] = float(r[LATENCY])
+            elif r["item"] == MLP_WIDTH:
+                curves.setdefault(int(r["block"]), []).append((int(r["units"]), float(r[LATENCY])))
+        self.curves = {b: np.array(sorted(c), dtype=np.float64) for b, c in curves.items()}  # (points, 2)
+
+    def with_fixed(self, fixed_ms: float) -> LatencyPrediction:
+        return LatencyPrediction(self.rows, fixed_ms, self.scale, self.offset)
+
+    def mlp(self, block: int, width: float) -> float:
+        curve = self.curves[block]
+        return float(np.interp(width, curve[:, 0], curve[:, 1]))
+
+    def mlp_slope(self, block: int, width: float) -> float:
+        """ms per kept unit of block `block`'s MLP at `width`: the slope of the grid segment holding it."""
+        curve = self.curves[block]
+        k = int(np.clip(np.searchsorted(curve[:, 0], width, side="right") - 1, 0, len(curve) - 2))
+        (w0, t0), (w1, t1) = curve[k], curve[k + 1]
+        return float((t1 - t0) / (w1 - w0))
+
+    def block(self, index: int, choice: Any) -> float:
+        """Block `index`'s mixer and MLP at `choice` (a `BlockChoice`), uncorrected."""
+        return self.mixers.get((index, choice.mixer), 0.0) + self.mlp(index, len(choice.mlp_kept))
+
+    def raw(self, arch: Architecture) -> float:
+        """The sum of the parts, uncorrected."""
+        return self.fixed_ms + sum(self.block(i, b) for i, b in enumerate(arch.blocks))
+
+    def __call__(self, arch: Architecture) -> float:
+        return self.scale * self.raw(arch) + self.offset

@@ -18,13 +18,16 @@ import pandas as pd
 from lookup_tables.table_format import (
     CHOICES,
     EXTRA_MSA,
+    LATENCY,
+    LATENCY_HEADER,
     WIDTH,
     WIDTH_FIELD,
+    LatencyPrediction,
     read_table_text,
     selected_rows,
     table_width,
 )
-from supernets.architecture import CONV_KERNEL_SIZE, MIXERS, Architecture
+from supernets.architecture import CONV_KERNEL_SIZE, MIXERS, Architecture, BlockChoice
 
 from .run_files import warn
 
@@ -50,6 +53,7 @@ class CostTable:
     narrower: dict[int, CostTable] = field(default_factory=dict)
     # Per block, its extra msa rows {choice: MACs} (see `table_format`); empty for a family without them
     extra_msa: dict[int, dict[str, int]] = field(default_factory=dict)
+    latency: LatencyPrediction | None = None  # a measured latency table's model; None without latency columns
 
     @property
     def depth(self) -> int:
@@ -119,7 +123,11 @@ def _table_at_width(meta: dict[str, Any], frame: pd.DataFrame, width: int) -> Co
     extra_msa: dict[int, dict[str, int]] = {}
     for row in blocks[blocks.item == EXTRA_MSA].itertuples():
         extra_msa.setdefault(int(row.block), {})[row.choice] = int(row.macs)
-    return CostTable(meta, fixed, mixers, mlp, width, extra_msa=extra_msa)
+    latency = None
+    if LATENCY_HEADER in meta and LATENCY in frame.columns:
+        header = meta[LATENCY_HEADER]
+        latency = LatencyPrediction(frame.to_dict("records"), header["fixed_ms"], header["scale"], header["offset"])
+    return CostTable(meta, fixed, mixers, mlp, width, extra_msa=extra_msa, latency=latency)
 
 
 def read_cost_table(path: Path, warnings: list[str]) -> CostTable | None:
@@ -238,7 +246,17 @@ def architecture_table(arch: Architecture, table: CostTable | None) -> pd.DataFr
     counts = ["mlp_kept", "mlp_total", "dense_macs", "macs", "dense_params", "params"]
     sums = blocks[counts].sum() + fixed.reindex(columns=counts, fill_value=0).iloc[0]
     total = sums.to_frame("total").T.assign(mlp_ratio=sums.mlp_kept / sums.mlp_total)
-    return _with_string_index(blocks, fixed, total)[ARCHITECTURE_COLUMNS]
+    frame = _with_string_index(blocks, fixed, total)[ARCHITECTURE_COLUMNS]
+    if pruned.latency is None:
+        return frame
+    # Predicted milliseconds per batch: each block's parts, the rest of the network, and the total corrected as the
+    # table's end-to-end checks fitted it (so it is not the column's sum).
+    dense = Architecture(arch.model, arch.img_size, arch.num_classes, tuple(
+        BlockChoice("msa", tuple(range(h))) for h in table.mlp.hidden), dict(arch.extras), arch.skip_mixer)  # fmt: skip
+    for column, chosen in (("dense_latency_ms", dense), ("latency_ms", arch)):
+        parts = [pruned.latency.block(i, b) for i, b in enumerate(chosen.blocks)]
+        frame[column] = [*parts, *[0.0] * (len(blocks) - len(parts)), pruned.latency.fixed_ms, pruned.latency(chosen)]
+    return frame
 
 
 def _with_string_index(blocks: pd.DataFrame, *extra_rows: pd.DataFrame) -> pd.DataFrame:

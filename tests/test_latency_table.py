@@ -12,6 +12,7 @@ import torch
 
 from lookup_tables import LatencyContext, LookupTable, Timer, build_latency_table, build_lookup_table
 from lookup_tables.latency import MLP_WIDTH, mlp_grid
+from reports import write_report
 from spvit_search.cli import main
 from spvit_search.export import export_subnet, save_subnet
 from supernets import MIXERS, BlockChoice, GateConfig, build_supernet
@@ -135,3 +136,18 @@ def test_lut_measures_and_eval_refuses_a_table_of_another_batch(tmp_path, capsys
     evaluate = ["eval", "--subnet", str(tmp_path / "subnet"), "--lut", str(lut_path), "--device", "cpu"]
     assert main([*evaluate, "--latency-batch", "3"]) == 2
     assert "the latency table was measured with batch 2, not 3" in capsys.readouterr().err
+
+
+def test_the_report_shows_predicted_latency_next_to_macs(tmp_path):
+    net = tiny()
+    lut = latency_table(net, FakeTimer())
+    run = tmp_path / "run"
+    run.mkdir()
+    lut.save(run / "lut.csv")
+    arch = random_architectures(net, 1, seed=4)[0]
+    arch.save(run / "arch.json")
+    (run / "config.json").write_text(json.dumps({"model": net.name, "target": "0.6x"}))
+    frame = write_report([run], tmp_path / "report").tables["run: architecture"]
+    assert frame.loc["total", "latency_ms"] == pytest.approx(lut.latency(arch))
+    assert frame.loc["total", "dense_latency_ms"] == pytest.approx(lut.latency(net.dense_architecture()))
+    assert frame.loc["total", "macs"] == lut.flops(arch)
