@@ -27,7 +27,7 @@ from finetune.optim import adamw, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables.counting import count_macs
 from reports.run_format import ARCH, FINETUNE
-from supernets import Subnet, build_supernet
+from supernets import GateConfig, Subnet, build_supernet
 from supernets.families.vit.subnet import VisionTransformerSubnet
 from supernets.registry import create_source_model
 
@@ -255,7 +255,8 @@ def _dense_source(source: dict[str, Any] | None, subnet_dir: str, purpose: str) 
 def _subnet_from_dense(student: VisionTransformerSubnet, source: dict[str, Any] | None, subnet_dir: str) -> nn.Module:
     """The subnet's architecture exported from a supernet converted from the dense source weights."""
     kwargs = _dense_source(source, subnet_dir, "start from dense weights (or use --init subnet)")
-    net = build_supernet(kwargs.pop("name"), **kwargs)
+    # The dense model has no affine skips: an affine subnet's start at s = 1, t = 0, the identity.
+    net = build_supernet(kwargs.pop("name"), gates=GateConfig(skip_mixer=student.arch.skip_mixer), **kwargs)
     return export_subnet(net, student.arch, fold_bn=student.bn_folded)
 
 
