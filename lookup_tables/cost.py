@@ -1,9 +1,12 @@
-"""The differentiable MACs of a supernet's current gates, priced by a lookup table."""
+"""The differentiable cost of a supernet's current gates, priced by a lookup table: its MACs, or its predicted
+latency (a latency table's)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from supernets import MIXERS
 
 from .table import LookupTable
 
@@ -48,3 +51,39 @@ def _device_costs(lut: LookupTable, device: torch.device) -> tuple[torch.Tensor,
         costs = (mixer_macs.diff(dim=1), torch.tensor(lut.mlp_unit_macs, dtype=torch.float64), torch.tensor(constant))
         cache[device] = tuple(t.to(device, dtype) for t in costs)
     return cache[device]
+
+
+def differentiable_latency(net: nn.Module, lut: LookupTable, estimator: str = "threshold") -> torch.Tensor:
+    """The predicted ms of the architecture the gates describe, with gradients to every gate: the mixers telescoped
+    over the cumulative gates as the MACs are, each MLP the table's curve at its kept width (value), with the slope
+    of the curve's segment there (gradient). float64 wherever the device has it."""
+    prediction = lut.latency_prediction
+    if prediction is None:
+        raise ValueError("the lookup table has no latency columns; measure one with `spvit lut --latency`")
+    logits = [(b.attn.gates.logits, b.mlp.gates.logits) for b in net.blocks]
+    device = logits[0][0].device
+    steps, skip, curves = _device_latency(lut, device)
+    attn = gate_indicators(torch.stack([a for a, _ in logits]).to(steps.dtype), estimator)  # (depth, 3)
+    mixers = skip + (torch.cumprod(attn, 1) * steps).sum()
+    mlp = []
+    for (widths, times), (_, unit_logits) in zip(curves, logits, strict=True):
+        kept = gate_indicators(unit_logits.to(steps.dtype), estimator).sum()
+        k = (torch.searchsorted(widths, kept.detach().reshape(1), right=True) - 1).clamp(0, len(widths) - 2)
+        slope = (times[k + 1] - times[k]) / (widths[k + 1] - widths[k])
+        mlp.append(times[k] + slope * (kept - widths[k]))
+    return prediction.scale * (prediction.fixed_ms + mixers + torch.cat(mlp).sum()) + prediction.offset
+
+
+def _device_latency(lut: LookupTable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    """(mixer latency steps (depth, 3), the skips' latency (), each block's MLP curve (widths, ms)) on `device`."""
+    key = ("latency", device)
+    cache = lut.device_costs
+    if key not in cache:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        p = lut.latency_prediction
+        depth = len(p.curves)
+        mixers = torch.tensor([[p.mixers.get((i, m), 0.0) for m in MIXERS] for i in range(depth)], dtype=torch.float64)
+        curves = [tuple(torch.tensor(p.curves[i][:, c], dtype=dtype, device=device) for c in (0, 1)) for i in
+                  range(depth)]  # fmt: skip
+        cache[key] = (mixers.diff(dim=1).to(device, dtype), mixers[:, 0].sum().to(device, dtype), curves)
+    return cache[key]

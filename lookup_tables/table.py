@@ -67,7 +67,8 @@ class LookupTable:
     """
 
     def __init__(self, meta: dict[str, Any], frame: pd.DataFrame) -> None:
-        self.device_costs: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # `differentiable_flops`' constants
+        # The constants of `differentiable_flops` (by device) and `differentiable_latency` (by ("latency", device)).
+        self.device_costs: dict[Any, tuple[Any, ...]] = {}
         self.meta = {k: meta[k] for k in (*META_TYPES, CHOICES, SKIP_MIXER, LATENCY_HEADER) if k in meta}
         if self.meta["convention"] not in CONVENTIONS:
             raise ValueError(f"convention '{self.meta['convention']}': expected one of {', '.join(CONVENTIONS)}")
@@ -207,6 +208,17 @@ class LookupTable:
         if context is not None:
             self.latency_context.check_matches(context)
         return self._latency(arch)
+
+    def latency_range(self) -> tuple[float, float]:
+        """(min, max) predicted ms over the gates' choices: every block at its fastest mixer with an empty MLP, and
+        at its slowest with its MLP at the slowest point of its curve."""
+        p = self._latency
+        if p is None:
+            raise ValueError("this lookup table has no latency columns; measure one with `spvit lut --latency`")
+        mixers = np.array([[p.mixers.get((i, m), 0.0) for m in MIXERS] for i in range(self.depth)])
+        low = p.fixed_ms + mixers.min(1).sum() + sum(p.curves[i][0, 1] for i in range(self.depth))
+        high = p.fixed_ms + mixers.max(1).sum() + sum(p.curves[i][:, 1].max() for i in range(self.depth))
+        return p.scale * low + p.offset, p.scale * high + p.offset
 
     def params(self, arch: Architecture) -> int:
         """Parameters `arch` needs as searched (a conv keeps v, proj, z and its BN; gates are not counted)."""

@@ -259,10 +259,19 @@ def run_search_command(args: argparse.Namespace) -> None:
     summary = run_search(config, resume=args.resume)
     if summary is None:  # a DDP rank other than 0
         return
+    if summary["metric"] == "latency":
+        budget = (
+            f"{summary['latency_ms']:.3f} ms predicted ({summary['latency_ms'] / summary['dense_latency_ms']:.3f}x "
+            f"of dense, target {summary['target_latency_ms']:.3f} ms), {summary['macs'] / 1e9:.4f} GMACs"
+        )
+    else:
+        budget = (
+            f"{summary['macs'] / 1e9:.4f} GMACs ({summary['macs'] / summary['dense_macs']:.3f}x of dense, target "
+            f"{summary['target_macs'] / 1e9:.4f})"
+        )
     print(
-        f"searched {summary['model']}: {summary['macs'] / 1e9:.4f} GMACs "
-        f"({summary['macs'] / summary['dense_macs']:.3f}x of dense, target {summary['target_macs'] / 1e9:.4f}), "
-        f"{summary['params'] / 1e6:.3f} M params, val top-1 {summary['val_acc1']:.2f}%"
+        f"searched {summary['model']}: {budget}, {summary['params'] / 1e6:.3f} M params, "
+        f"val top-1 {summary['val_acc1']:.2f}%"
     )
     print(f"mixers {summary['mixers']}, MLP units kept {summary['mlp_kept']:.1%}; wrote {config.out}/arch.json")
 

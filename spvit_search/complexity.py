@@ -1,41 +1,65 @@
-"""FLOPs budgets and the complexity loss that pulls the search to them.
+"""Budgets and the complexity loss that pulls the search to them.
 
-Budgets are MACs: absolute (`3.2G`, `3200M`, `850K`, `1.2e9`) or relative to the dense model (`0.7x`).
+Budgets are MACs, absolute (`3.2G`, `3200M`, `850K`, `1.2e9`), or milliseconds a latency table predicts (`12ms`),
+or relative to the dense model in the search's metric (`0.7x`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 LOSS_FORMS = ("paper", "normalized", "auto")
 _UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-_BUDGET = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMGT]?|x)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMGT]?|x|ms)\s*$", re.IGNORECASE)
 
 
-def parse_budget(text: str, dense_macs: int) -> int:
-    """MACs of a budget string; `x` budgets are relative to `dense_macs`."""
+def budget_metric(text: str, metric: str) -> str:
+    """The metric a budget is counted in: a budget in ms is latency whatever `metric` says, one in MACs is MACs."""
+    match = _BUDGET.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if unit == "ms":
+        return "latency"
+    if unit != "x" and metric == "latency":
+        raise ValueError(f"budget '{text}' is MACs, but --metric is latency: give milliseconds (12ms) or 0.6x")
+    return metric
+
+
+def parse_budget(text: str, dense: float, metric: str = "macs") -> float:
+    """The budget a string gives in `metric`: MACs (a whole number) or ms; `x` budgets are relative to `dense`, the
+    dense model's cost in that metric."""
     match = _BUDGET.match(str(text))
     if match is None:
-        raise ValueError(f"malformed budget '{text}': use MACs like 3.2G or 3200M, or a fraction of dense like 0.7x")
-    value, unit = float(match.group(1)), match.group(2)
-    macs = value * dense_macs if unit.lower() == "x" else value * _UNITS[unit.upper()]
-    if macs <= 0:
+        raise ValueError(
+            f"malformed budget '{text}': use MACs like 3.2G or 3200M, milliseconds like 12ms, or a fraction of "
+            "dense like 0.7x"
+        )
+    value, unit = float(match.group(1)), match.group(2).lower()
+    budget = value * (dense if unit == "x" else 1.0 if unit == "ms" else _UNITS[unit.upper()])
+    if budget <= 0:
         raise ValueError(f"budget '{text}' must be positive")
-    return round(macs)
+    return round(budget) if metric == "macs" else budget
 
 
-def check_budget(target: int, macs_range: tuple[int, int], text: str | None = None) -> None:
-    """Raise a `ValueError` that prints the search space's range if `target` lies outside it."""
-    low, high = macs_range
+def check_budget(
+    target: float,
+    cost_range: tuple[float, float],
+    text: str | None = None,
+    number: Callable[[float], str] = lambda macs: f"{macs / 1e9:.4f}",
+    unit: str = "GMACs",
+) -> None:
+    """Raise a `ValueError` that prints the search space's range (as `number` writes it, in `unit`) if `target` lies
+    outside it."""
+    low, high = cost_range
     if not low <= target <= high:
         asked = f"'{text}' = " if text else ""
         raise ValueError(
-            f"budget {asked}{target / 1e9:.4f} GMACs is outside the search space's range "
-            f"[{low / 1e9:.4f}, {high / 1e9:.4f}] GMACs ({low / high:.3f}x to 1.000x of the largest)"
+            f"budget {asked}{number(target)} {unit} is outside the search space's range "
+            f"[{number(low)}, {number(high)}] {unit} ({low / high:.3f}x to 1.000x of the largest)"
         )
 
 

@@ -37,10 +37,11 @@ from reports.run_format import ARCH, JOURNAL, LUT, OPTUNA, PARETO, SUPERNET, TRI
 from supernets import MIXERS, Architecture, GateConfig, Supernet, build_supernet
 from supernets.io import atomic_write_text
 
-from .complexity import check_budget, parse_budget
+from .complexity import budget_metric, check_budget, parse_budget
 from .data import DataConfig, build_datasets, build_loaders, num_classes_of
 from .discrete_spaces import DEFAULT_MLP_RATIOS, DiscreteSpace, discrete_space
 from .export import load_search_supernet
+from .metric import LatencyMetric, MacsMetric, cost_metric
 from .runs import (
     DeviceSettings,
     ModelSettings,
@@ -158,8 +159,9 @@ def _study_run(run: Run) -> dict[str, Any]:
     train_set, val_set = build_datasets(config, img_size)
     net = _supernet(config, num_classes_of(train_set))
     lut = lookup_table(net, config.convention, config.lut)
-    target = parse_budget(config.target, lut.dense_flops())
-    check_budget(target, lut.range(), config.target)
+    metric = cost_metric(lut, budget_metric(config.target, config.metric))
+    target = parse_budget(config.target, metric.dense(), metric.name)
+    check_budget(target, metric.range(), config.target, metric.number, metric.unit)
     if not run.joined:
         run.write_config()
         lut.save(run.out_dir / LUT)
@@ -172,17 +174,18 @@ def _study_run(run: Run) -> dict[str, Any]:
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished < config.trials:
         study.optimize(
-            _objective(space, lut, target, evaluator, study, config),
+            _objective(space, lut, metric, target, evaluator, study, config),
             callbacks=[MaxTrialsCallback(config.trials, states=FINISHED)],
             show_progress_bar=False,
         )
-    return run.finish(write_outputs(study, space, lut, target, net, run.out_dir))
+    return run.finish(write_outputs(study, space, lut, target, net, run.out_dir, metric))
 
 
 def _objective(
     space: DiscreteSpace,
     lut: LookupTable,
-    target: int,
+    metric: MacsMetric | LatencyMetric,
+    target: float,
     evaluator: SharedWeightEvaluator,
     study: optuna.Study,
     config: OptunaConfig,
@@ -193,16 +196,20 @@ def _objective(
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr("worker", worker)
         arch = space.suggest(trial)
-        macs = lut.flops(arch)
+        macs, cost = lut.flops(arch), metric.of(arch)
         trial.set_user_attr("macs", macs)
         trial.set_user_attr("params", lut.params(arch))
-        trial.set_constraint("macs", (macs - target) / target)  # feasible when <= 0
-        if macs > target:
-            raise optuna.TrialPruned(f"{macs} MACs is over the budget of {target}")
+        if metric.name == "latency":
+            trial.set_user_attr("latency_ms", cost)
+        trial.set_constraint(metric.name, (cost - target) / target)  # feasible when <= 0
+        if cost > target:
+            raise optuna.TrialPruned(
+                f"{metric.number(cost)} {metric.unit} is over the budget of {metric.number(target)}"
+            )
         accuracy = _known_accuracy(study, trial.params)
         if accuracy is None:
             accuracy = evaluator(arch)
-        return (accuracy, float(macs)) if multi else accuracy
+        return (accuracy, float(cost)) if multi else accuracy
 
     return objective
 
@@ -271,25 +278,31 @@ def write_outputs(
     study: optuna.Study,
     space: DiscreteSpace,
     lut: LookupTable,
-    target: int,
+    target: float,
     net: Supernet,
     out: Path,
+    metric: MacsMetric | LatencyMetric | None = None,
 ) -> dict[str, Any]:
-    """`trials.csv`, `pareto.json` and the best `arch.json` of the study as it stands; its summary."""
+    """`trials.csv`, `pareto.json` and the best `arch.json` of the study as it stands; its summary. `target` is in
+    `metric`'s units (default: MACs)."""
+    metric = metric or MacsMetric(lut)
     trials = study.get_trials(deepcopy=False)
     frame = trials_frame(trials, target)
     atomic_write_text(out / TRIALS, frame.to_csv(index=False))
-    feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["macs"] <= target]
+    feasible = [t for t in trials if t.state == TrialState.COMPLETE and trial_cost(t) <= target]
     if not feasible:
         raise ValueError(f"no trial of study '{study.study_name}' met the budget; run more trials")
     front = pareto_front(feasible)
     atomic_write_text(out / PARETO, json.dumps(front, indent=2) + "\n")
-    best = max(feasible, key=lambda t: (t.values[0], -t.user_attrs["macs"], -t.number))
+    best = max(feasible, key=lambda t: (t.values[0], -trial_cost(t), -t.number))
     arch = space.architecture(best.params)
     arch.save(out / ARCH)
+    latency = {"latency_ms": metric.of(arch), "dense_latency_ms": metric.dense()} if metric.name == "latency" else {}
     return {
         "model": net.name,
-        "target_macs": target,
+        "metric": metric.name,
+        **({"target_macs": target} if metric.name == "macs" else {"target_latency_ms": target}),
+        **latency,
         "macs": lut.flops(arch),
         "dense_macs": lut.dense_flops(),
         "params": lut.params(arch),
@@ -302,19 +315,27 @@ def write_outputs(
     }
 
 
-def trials_frame(trials: list[optuna.trial.FrozenTrial], target: int) -> pd.DataFrame:
-    """One row per trial: number, state, accuracy, MACs, params, feasibility, worker and parameters."""
+def trial_cost(trial: optuna.trial.FrozenTrial) -> float | None:
+    """What a trial's budget counted: its predicted ms in a latency study, else its MACs."""
+    return trial.user_attrs.get("latency_ms", trial.user_attrs.get("macs"))
+
+
+def trials_frame(trials: list[optuna.trial.FrozenTrial], target: float) -> pd.DataFrame:
+    """One row per trial: number, state, accuracy, MACs (and predicted ms), params, feasibility, worker and
+    parameters."""
     rows = []
     for t in trials:
-        macs = t.user_attrs.get("macs")
+        cost = trial_cost(t)
+        latency = {"latency_ms": t.user_attrs["latency_ms"]} if "latency_ms" in t.user_attrs else {}
         rows.append(
             {
                 "number": t.number,
                 "state": t.state.name,
                 "value": t.values[0] if t.values else None,
-                "macs": macs,
+                "macs": t.user_attrs.get("macs"),
+                **latency,
                 "params": t.user_attrs.get("params"),
-                "feasible": None if macs is None else macs <= target,
+                "feasible": None if cost is None else cost <= target,
                 "worker": t.user_attrs.get("worker"),
                 "duration_s": t.duration.total_seconds() if t.duration else None,
                 **{f"params_{k}": v for k, v in t.params.items()},
@@ -325,7 +346,7 @@ def trials_frame(trials: list[optuna.trial.FrozenTrial], target: int) -> pd.Data
 
 def pareto_front(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
     """The trials no other trial beats in both accuracy (higher) and MACs (lower), by increasing MACs."""
-    points = sorted(trials, key=lambda t: (t.user_attrs["macs"], -t.values[0], t.number))
+    points = sorted(trials, key=lambda t: (trial_cost(t), -t.values[0], t.number))
     front, best_accuracy = [], float("-inf")
     for t in points:
         if t.values[0] > best_accuracy:

@@ -31,10 +31,10 @@ from supernets import MIXERS, GateConfig, Supernet, build_supernet
 from supernets.layers.gates import GATE_INITS
 from supernets.layers.unified_attention import mixer_index
 
-from .complexity import ComplexityLoss, check_budget, parse_budget
+from .complexity import ComplexityLoss, budget_metric, check_budget, parse_budget
 from .data import TrainDataConfig, build_datasets, build_loaders, num_classes_of
 from .discrete_spaces import unit_magnitude
-from .projection import project_to_budget
+from .metric import METRICS, LatencyMetric, MacsMetric, cost_metric
 from .runs import (
     ComputeSettings,
     DistillationSettings,
@@ -59,7 +59,15 @@ budget_setting = group("budget and complexity loss")
 class BudgetSettings:
     """The budget and its cost model, of the gradient search and the Optuna study alike."""
 
-    target: str = budget_setting("0.6x", required=True, help="MACs budget: 3.2G, 3200M, or 0.6x of dense")
+    target: str = budget_setting(
+        "0.6x",
+        required=True,
+        help="budget: MACs (3.2G, 3200M), milliseconds (12ms: --metric latency), or 0.6x of dense",
+    )
+    metric: str = budget_setting(
+        "macs", choices=METRICS,
+        help="what the budget counts: MACs, or the ms a latency table predicts (--lut from `spvit lut --latency`)",
+    )  # fmt: skip
     convention: str = budget_setting("fvcore", choices=CONVENTIONS, help="how MACs count")
     lut: str | None = budget_setting(
         None, help="lookup table CSV from `spvit lut`", default_text="built here, on the CPU"
@@ -104,12 +112,13 @@ class SearchConfig(
 
 class SearchTask(ClassificationTask):
     """One search step: the classification loss (distilled from the dense supernet) plus the complexity loss of the
-    gates' MACs."""
+    gates' cost in the budget's metric (MACs, or predicted ms)."""
 
     def __init__(
         self,
         net: Supernet,
         lut: LookupTable,
+        metric: MacsMetric | LatencyMetric,
         complexity: ComplexityLoss,
         val_loader: DataLoader,
         config: SearchConfig,
@@ -128,6 +137,8 @@ class SearchTask(ClassificationTask):
             self.imitation = ModuleImitation(net.blocks, teacher.blocks, self._drew_pruned_mixer, weights)
         self.net = net
         self.lut = lut
+        self.metric = metric
+        self.cost_key = "macs" if metric.name == "macs" else "latency_ms"  # the metrics entry the budget counts
         self.complexity = complexity
         self.config = config
         self.out_dir = out_dir
@@ -142,11 +153,13 @@ class SearchTask(ClassificationTask):
             loss = loss + terms["imitation"]
             metrics |= {k: v.detach() for k, v in terms.items()}
         flops = differentiable_flops(self.net, self.lut, self.config.estimator)  # float64, outside autocast's reach
-        complexity = self.complexity(flops)
+        cost = flops if self.metric.name == "macs" else self.metric.differentiable(self.net, self.config.estimator)
+        complexity = self.complexity(cost)
         metrics |= {
             "complexity": complexity.detach(),
             "macs": flops.detach(),
-            "target_macs": float(self.complexity.target),
+            self.cost_key: cost.detach(),
+            f"target_{self.cost_key}": float(self.complexity.target),
         }
         return loss + complexity.to(loss.dtype), metrics
 
@@ -157,7 +170,7 @@ class SearchTask(ClassificationTask):
         return mixer != "msa"
 
     def after_step(self, metrics: dict[str, torch.Tensor | float]) -> None:
-        self.complexity.update(metrics["macs"])
+        self.complexity.update(metrics[self.cost_key])
 
     def state_metrics(self) -> dict[str, torch.Tensor | float]:
         return {"lambda": self.complexity.lam, **gate_statistics(self.net)}
@@ -171,13 +184,14 @@ class SearchTask(ClassificationTask):
         finally:
             self.net.release_architecture()
         metrics["macs"] = float(self.lut.flops(arch))
+        metrics[self.cost_key] = self.metric.of(arch)
         metrics["params"] = float(self.lut.params(arch))
         return metrics
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
         if self.context.is_main:
             self.net.architecture().save(self.out_dir / epoch_arch(epoch + 1))
-        on_target = abs(self.complexity.relative_error(metrics["macs"])) <= self.config.tolerance
+        on_target = abs(self.complexity.relative_error(metrics[self.cost_key])) <= self.config.tolerance
         self.on_target_streak = self.on_target_streak + 1 if on_target else 0
         return self.on_target_streak >= self.config.patience
 
@@ -262,8 +276,10 @@ def _search(run: Run) -> dict[str, Any] | None:
     if config.gate_init_from == "magnitude":
         init_gates_from_magnitude(net, config.gate_init)
     lut = lookup_table(net, config.convention, config.lut)  # counted on the CPU, before the move
-    target = parse_budget(config.target, lut.dense_flops())
-    check_budget(target, lut.range(full_size=True), config.target)  # the gates choose at full depth and width
+    metric = cost_metric(lut, budget_metric(config.target, config.metric))
+    target = parse_budget(config.target, metric.dense(), metric.name)
+    # The gates choose at full depth and width.
+    check_budget(target, metric.range(full_size=True), config.target, metric.number, metric.unit)
     run.write_config()
     if run.context.is_main:
         lut.save(run.out_dir / LUT)
@@ -285,7 +301,7 @@ def _search(run: Run) -> dict[str, Any] | None:
     steps = config.epochs * len(train_loader)
     schedulers = {"weights": warmup_cosine(optimizers["weights"], steps, config.warmup_epochs * len(train_loader))}
     complexity = ComplexityLoss(target, config.complexity_loss, config.lam, config.lambda_lr, config.tolerance)
-    task = SearchTask(net, lut, complexity, val_loader, config, run.out_dir, run.context, gate_generator)
+    task = SearchTask(net, lut, metric, complexity, val_loader, config, run.out_dir, run.context, gate_generator)
     engine = Engine(
         net, task, optimizers, schedulers, train_loader,
         EngineConfig(
@@ -298,15 +314,21 @@ def _search(run: Run) -> dict[str, Any] | None:
     if run.resume:
         engine.resume(finished_ok=True)  # check_run_directory refused runs whose outputs are all written
     engine.fit()
-    return _finish(net, lut, target, val_loader, run, engine)
+    return _finish(net, lut, metric, target, val_loader, run, engine)
 
 
 def _finish(
-    net: Supernet, lut: LookupTable, target: int, val_loader: DataLoader, run: Run, engine: Engine
+    net: Supernet,
+    lut: LookupTable,
+    metric: MacsMetric | LatencyMetric,
+    target: float,
+    val_loader: DataLoader,
+    run: Run,
+    engine: Engine,
 ) -> dict[str, Any] | None:
     config: SearchConfig = run.config
     searched = net.architecture()
-    arch = project_to_budget(net, lut, target) if config.project else searched
+    arch = metric.project(net, target) if config.project else searched
     net.eval()
     net.fix_architecture(arch)
     metrics = evaluate_classifier(net, val_loader)
@@ -314,7 +336,8 @@ def _finish(
     dense = lut.dense_flops()
     summary = {
         "model": config.model,
-        "target_macs": target,
+        "metric": metric.name,
+        **({"target_macs": target} if metric.name == "macs" else {"target_latency_ms": target}),
         "macs": lut.flops(arch),
         "macs_before_projection": lut.flops(searched),
         "dense_macs": dense,
@@ -328,6 +351,9 @@ def _finish(
         "mlp_kept": sum(len(b.mlp_kept) for b in arch.blocks) / sum(net.mlp_hidden),
         "lambda": float(engine.task.complexity.lam),
     }
+    if metric.name == "latency":
+        summary |= {"latency_ms": metric.of(arch), "latency_ms_before_projection": metric.of(searched),
+                    "dense_latency_ms": metric.dense()}  # fmt: skip
     if run.context.is_main:
         arch.save(run.out_dir / ARCH)
         save_checkpoint(run.out_dir / SUPERNET, net.state_dict(), {"config": net.config()})

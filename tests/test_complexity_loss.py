@@ -14,7 +14,7 @@ from spvit_search.complexity import ComplexityLoss, check_budget, parse_budget
     [("3.2G", 3_200_000_000), ("3200M", 3_200_000_000), ("850k", 850_000), ("0.7x", 700), ("1e3", 1000)],
 )
 def test_budget_parsing(text, macs):
-    assert parse_budget(text, dense_macs=1000) == macs
+    assert parse_budget(text, dense=1000) == macs
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_budget_parsing(text, macs):
 )
 def test_bad_budgets_are_clear_errors(text, message):
     with pytest.raises(ValueError, match=message):
-        parse_budget(text, dense_macs=1000)
+        parse_budget(text, dense=1000)
 
 
 def test_budget_outside_the_range_prints_the_range():

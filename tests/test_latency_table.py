@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from lookup_tables.latency import MLP_WIDTH, mlp_grid
 from reports import write_report
 from spvit_search.cli import main
 from spvit_search.export import export_subnet, save_subnet
-from supernets import MIXERS, BlockChoice, GateConfig, build_supernet
+from supernets import MIXERS, Architecture, BlockChoice, GateConfig, build_supernet
 
 MIXER_MS = {"skip": 0.05, "bconv1": 0.4, "bconv3": 0.9, "msa": 1.5}
 CPU = torch.device("cpu")
@@ -151,3 +152,34 @@ def test_the_report_shows_predicted_latency_next_to_macs(tmp_path):
     assert frame.loc["total", "latency_ms"] == pytest.approx(lut.latency(arch))
     assert frame.loc["total", "dense_latency_ms"] == pytest.approx(lut.latency(net.dense_architecture()))
     assert frame.loc["total", "macs"] == lut.flops(arch)
+
+
+def test_a_search_meets_a_latency_budget_and_refuses_impossible_ones(image_folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    net = build_supernet("test_vit", img_size=16, num_classes=2, patch_size=4, depth=3).eval()
+    timer = FakeTimer(bend=1e-5)
+    lut = latency_table(net, timer)
+    lut.save(tmp_path / "lut.csv")
+    model = ["--model", "test_vit", "--img-size", "16", "--model-kwargs", "patch_size=4", "depth=3"]
+    search = ["search", *model, "--data", str(image_folder), "--batch-size", "4", "--no-progress", "--epochs", "2",
+              "--lut", str(tmp_path / "lut.csv")]  # fmt: skip
+    dense = lut.latency(net.dense_architecture())
+    assert main([*search, "--out", str(tmp_path / "run"), "--target", "0.6x", "--metric", "latency"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["target_latency_ms"] == pytest.approx(0.6 * dense) and summary["dense_latency_ms"] == dense
+    arch = Architecture.load(tmp_path / "run" / "arch.json")
+    assert 0.95 * summary["target_latency_ms"] <= lut.latency(arch) == summary["latency_ms"] <= summary[
+        "target_latency_ms"]  # fmt: skip
+    assert timer.network(arch) == pytest.approx(summary["latency_ms"], rel=2e-3)  # what the fake world measures
+    assert "ms predicted" in capsys.readouterr().out
+    low, high = lut.latency_range()
+    for args, message in (
+        (["--target", "0.001ms"], rf"budget '0.001ms' = 0.001 ms is outside the search space's range \[{low:.3f}, "),
+        (["--target", "3M", "--metric", "latency"], "budget '3M' is MACs, but --metric is latency"),
+    ):
+        assert main([*search, "--out", str(tmp_path / "bad"), *args]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    build_lookup_table(net).save(tmp_path / "macs.csv")
+    plain = [*search[:-1], str(tmp_path / "macs.csv")]
+    assert main([*plain, "--out", str(tmp_path / "bad2"), "--target", "5ms"]) == 2
+    assert "--metric latency needs a latency lookup table" in capsys.readouterr().err
