@@ -1,0 +1,101 @@
+"""Hitting a latency budget: do subnets searched for 0.6x and 0.4x of the dense latency run at that latency?
+
+For `--model` (deit_small_patch16_224 at 224 by default) it measures a latency table on the device (the CPU by
+default: batch 8, 2 threads), then runs an Optuna study (`spvit search --strategy optuna`, shared dense weights,
+one val batch of digits per trial: the accuracy is not what is measured here) at each budget twice: in predicted
+milliseconds (`--metric latency`) and in MACs at the same fraction. It exports each study's best architecture and
+measures, end to end, the subnet's latency against the dense model's, in the same run.
+
+Run from the repository root on a quiet machine: `.venv/bin/python benchmarks/latency_budget.py [--update-results]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import timm
+import torch
+from results_md import save_results, study_record
+from safetensors.torch import save_file
+
+from lookup_tables import LatencyContext, Timer, build_latency_table
+from spvit_search.export import export_subnet
+from spvit_search.optuna_search import OptunaConfig, run_optuna
+from supernets import Architecture, build_supernet
+
+BENCHMARKS = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.6, 0.4])
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--mlp-points", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("runs/latency_budget"))
+    parser.add_argument("--results", type=Path, default=BENCHMARKS / "results" / "latency_budget.json")
+    parser.add_argument("--update-results", action="store_true", help="refresh the section in RESULTS.md")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    net = build_supernet(args.model, num_classes=10).eval()  # digits' classes; random weights time the same
+    context = LatencyContext.of(device, args.batch, "fp32", args.threads)
+    timer = Timer(device, repeats=args.repeats)
+    lut = build_latency_table(net, lambda arch: export_subnet(net, arch), context, timer, mlp_points=args.mlp_points)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lut.save(args.out / "lut.csv")
+    weights = args.out / "dense.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model(args.model, num_classes=10).state_dict(), str(weights))
+    images = torch.zeros(args.batch, 3, net.img_size, net.img_size)
+
+    def measured(arch: Architecture) -> float:
+        subnet = export_subnet(net, arch).eval()
+        return timer(("network", arch), lambda: subnet(images))[0]
+
+    dense_ms = measured(net.dense_architecture())
+    rows = []
+    for budget in args.budgets:
+        for metric in ("latency", "macs"):
+            out = args.out / f"{metric}_{budget}x"
+            summary = run_optuna(
+                OptunaConfig(
+                    model=args.model, checkpoint=str(weights), num_classes=10, data="digits", out=str(out),
+                    target=f"{budget}x", metric=metric, lut=str(args.out / "lut.csv"), trials=args.trials,
+                    eval_batches=1, batch_size=16, num_workers=0, progress=False, device="cpu",
+                )
+            )  # fmt: skip
+            arch = Architecture.load(out / "arch.json")
+            ms = measured(arch)
+            rows.append({
+                "budget": budget, "metric": metric, "measured_ms": ms, "measured_x_dense": ms / dense_ms,
+                "predicted_ms": lut.latency(arch), "macs_x_dense": lut.flops(arch) / lut.dense_flops(),
+                "miss": ms / dense_ms / budget - 1, "trials": summary["trials"],
+            })  # fmt: skip
+            print(f"{metric} {budget}x: measured {ms:.2f} ms = {ms / dense_ms:.3f}x of dense", flush=True)
+    minutes = (time.perf_counter() - started) / 60
+    lines = ["| budget | counted in | measured latency ÷ dense | miss | predicted ms | measured ms | MACs ÷ dense |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['budget']}x | {r['metric']} | {r['measured_x_dense']:.3f} | {r['miss']:+.1%} | "
+                     f"{r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {r['macs_x_dense']:.3f} |")  # fmt: skip
+    table = "\n".join(lines)
+    body = (
+        f"Measured {study_record('latency_budget', args, minutes)['date']} on {context.describe()}; {args.model} at "
+        f"{net.img_size}, dense {dense_ms:.2f} ms per batch measured; Optuna, {args.trials} trials per study; "
+        f"{minutes:.1f} minutes in all.\n\n{table}"
+    )
+    results = {**study_record("latency_budget", args, minutes), "dense_ms": dense_ms, "rows": rows}
+    save_results("latency_budget", results, table, body, args.results, args.update_results)
+
+
+if __name__ == "__main__":
+    main()
