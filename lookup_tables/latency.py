@@ -109,7 +109,7 @@ def measure_latency(
     context: LatencyContext,
     timer: TimerFn,
     mlp_points: int = 32,
-    checks: int = 4,
+    checks: int = 6,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`frame_rows` (a lookup table's rows of `net`) with the latency columns, the MLP curve rows added, and the
     header's `latency` entry (context, fixed_ms, the correction and its checks). `shapes`: each block's input

@@ -346,7 +346,7 @@ def build_latency_table(
     timer: TimerFn,
     convention: str = "fvcore",
     mlp_points: int = 32,
-    checks: int = 4,
+    checks: int = 6,
 ) -> LookupTable:
     """`build_lookup_table(net, convention)` with every choice's latency measured by `timer` on `net`'s device in
     `context` (see `lookup_tables.latency`); `export(arch)` builds the plain subnet the timings run."""

@@ -77,7 +77,7 @@ def test_a_linear_world_is_predicted_exactly(skip_mixer):
     for arch in [net.dense_architecture(), *random_architectures(net, 6)]:
         assert lut.latency(arch) == pytest.approx(timer.network(arch), rel=1e-9)
     header = lut.meta["latency"]
-    assert header["scale"] == pytest.approx(1.3) and len(header["checks"]) == 4
+    assert header["scale"] == pytest.approx(1.3) and len(header["checks"]) == 6
     assert all(c["predicted_ms"] == pytest.approx(c["measured_ms"]) for c in header["checks"])
     identity_skips = [k for k in timer.keys if k[0] == "mixer" and k[2] == "skip"]
     assert bool(identity_skips) == (skip_mixer == "affine")  # an identity skip runs nothing to time
