@@ -18,10 +18,12 @@ from safetensors.torch import save_file
 from lookup_tables import LookupTable, build_lookup_table
 from spvit_search.cli import main
 from spvit_search.export import export_subnet, load_subnet, read_released_architectures
-from supernets import Architecture, BlockChoice, build_supernet, list_supernets
+from supernets import Architecture, BlockChoice, build_supernet
 from supernets.families.swin.subnet import ShiftedWindowAttention
 from supernets.families.swin.supernet import SwinSupernet, shift_mask
+from supernets.family import family_of_model_name
 from supernets.layers.plain import BottleneckConv
+from supernets.registry import check_model_name
 
 SWIN_T = "swin_tiny_patch4_window7_224"
 RELEASED = Path(__file__).resolve().parent / "data" / "spvit_swin_released_archs.json"  # from ../shared/reference
@@ -36,10 +38,10 @@ def tiny_pair(seed: int = 0) -> tuple[torch.nn.Module, SwinSupernet]:
 
 
 def test_swin_models_are_supernets():
-    names = list_supernets()
     for name in (SWIN_T, "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
                  "swin_base_patch4_window12_384", "swin_large_patch4_window12_384"):  # fmt: skip
-        assert name in names
+        check_model_name(name)  # builds its structure and raises if it cannot be searched
+        assert family_of_model_name(name).name == "swin"
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
