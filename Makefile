@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TEST_WORKERS ?= 2  # pytest-xdist workers: one per core of the 2-core target machine
+TEST_WORKERS ?= 2  # pytest-xdist workers, one per core of the 2-core target machine; idle ones steal queued tests
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint clean
@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from filelock import FileLock
 from helpers import TINY, random_architecture, randomize_, write_image_folder
 from safetensors.torch import save_file
 
@@ -67,17 +70,36 @@ def tiny_supernet(tiny_timm_vit) -> VisionTransformerSupernet:
     return randomize_(net, seed=1)
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The directory `build(directory)` fills, built by the first pytest-xdist worker that asks for it and read by
+    the others (xdist's recipe for session fixtures: each worker is a process of its own). Without xdist, the run's
+    own temporary directory."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's directory, which every worker's lies in
+    directory = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (directory / ".built").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            (directory / ".built").touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def dense_checkpoint(tmp_path_factory) -> Path:
     """test_vit (img 32, patch 4) trained two epochs on digits, saved as a timm-format checkpoint."""
-    out = tmp_path_factory.mktemp("dense")
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", **TINY)
-    train = build_loader(build_dataset("digits", "train", 32), 64, train=True, seed=0)
-    val = build_loader(build_dataset("digits", "val", 32), 256, train=False)
-    train_classifier(model, train, val, out, epochs=2, lr=2e-3, progress=False)
-    save_file(model.state_dict(), str(out / "model.safetensors"))
-    return out / "model.safetensors"
+
+    def train(out: Path) -> None:
+        torch.manual_seed(0)
+        model = timm.create_model("test_vit", **TINY)
+        train = build_loader(build_dataset("digits", "train", 32), 64, train=True, seed=0)
+        val = build_loader(build_dataset("digits", "val", 32), 256, train=False)
+        train_classifier(model, train, val, out / "training", epochs=2, lr=2e-3, progress=False)
+        save_file(model.state_dict(), str(out / "model.safetensors"))
+
+    return built_once(tmp_path_factory, "dense", train) / "model.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -100,17 +122,21 @@ def folder_subnet(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def search_run(dense_checkpoint, tmp_path_factory) -> Path:
-    """`spvit search` of the dense checkpoint at 0.6x for two epochs."""
-    run = tmp_path_factory.mktemp("search") / "run"
-    args = ["search", "--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
-    args += ["--checkpoint", str(dense_checkpoint), "--out", str(run), "--target", "0.6x"]
-    assert main([*args, "--epochs", "2", "--gate-lr", "0.1"]) == 0
-    return run
+    """`spvit search` of the dense checkpoint at 0.6x for two epochs (read-only: tests write elsewhere)."""
+
+    def search(out: Path) -> None:
+        args = ["search", "--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
+        args += ["--checkpoint", str(dense_checkpoint), "--out", str(out / "run"), "--target", "0.6x"]
+        assert main([*args, "--epochs", "2", "--gate-lr", "0.1"]) == 0
+
+    return built_once(tmp_path_factory, "search", search) / "run"
 
 
 @pytest.fixture(scope="session")
-def subnet_dir(search_run) -> Path:
-    """`search_run`'s architecture, exported."""
-    out = search_run.parent / "subnet"
-    assert main(["export", "--run", str(search_run), "--out", str(out)]) == 0
-    return out
+def subnet_dir(search_run, tmp_path_factory) -> Path:
+    """`search_run`'s architecture, exported (read-only)."""
+
+    def export(out: Path) -> None:
+        assert main(["export", "--run", str(search_run), "--out", str(out / "subnet")]) == 0
+
+    return built_once(tmp_path_factory, "subnet", export) / "subnet"

@@ -156,7 +156,7 @@ def test_search_export_finetune_and_report_end_to_end(tmp_path, capsys):
     kwargs = ["--model-kwargs", *(f"{k}={v}" for k, v in TINY.items())]
     model = ["--model", SWIN_T, "--img-size", "32", *kwargs, "--no-progress"]
     run, subnet, tuned = tmp_path / "search", tmp_path / "subnet", tmp_path / "finetune"
-    assert main(["search", *model, "--out", str(run), "--target", "0.6x", "--epochs", "2", "--gate-lr", "0.1"]) == 0
+    assert main(["search", *model, "--out", str(run), "--target", "0.6x", "--epochs", "1", "--gate-lr", "0.1"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     lut = LookupTable.load(run / "lut.csv")
     target = 0.6 * lut.dense_flops()
