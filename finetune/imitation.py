@@ -87,10 +87,10 @@ class ModuleImitation:
                 return
             self._outputs["student"].append(output)
             if self.pruned(i):
-                x, passes = args[0], {**dict(zip(("groups", "permute"), args[1:], strict=False)), **kwargs}
+                x, rest = args[0], args[1:]  # a recursive family's pass arguments (groups, permutation) follow x
                 with torch.no_grad():
-                    target = self.teacher_blocks[i].mixer_branch(x.detach(), **passes)
-                self._out_terms.append(F.mse_loss(block.mixer_branch(x, **passes).float(), target.float()))
+                    target = self.teacher_blocks[i].mixer_branch(x.detach(), *rest, **kwargs)
+                self._out_terms.append(F.mse_loss(block.mixer_branch(x, *rest, **kwargs).float(), target.float()))
 
         return record
 

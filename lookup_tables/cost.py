@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from supernets import MIXERS
-
 from .table import LookupTable
 
 ESTIMATORS = ("threshold", "expected")
@@ -82,7 +80,7 @@ def _device_latency(lut: LookupTable, device: torch.device) -> tuple[torch.Tenso
         dtype = torch.float32 if device.type == "mps" else torch.float64
         p = lut.latency_prediction
         depth = len(p.curves)
-        mixers = torch.tensor([[p.mixers.get((i, m), 0.0) for m in MIXERS] for i in range(depth)], dtype=torch.float64)
+        mixers = torch.tensor(p.mixer_table(), dtype=torch.float64)
         curves = [tuple(torch.tensor(p.curves[i][:, c], dtype=dtype, device=device) for c in (0, 1)) for i in
                   range(depth)]  # fmt: skip
         cache[key] = (mixers.diff(dim=1).to(device, dtype), mixers[:, 0].sum().to(device, dtype), curves)

@@ -215,7 +215,7 @@ class LookupTable:
         p = self._latency
         if p is None:
             raise ValueError("this lookup table has no latency columns; measure one with `spvit lut --latency`")
-        mixers = np.array([[p.mixers.get((i, m), 0.0) for m in MIXERS] for i in range(self.depth)])
+        mixers = p.mixer_table()
         low = p.fixed_ms + mixers.min(1).sum() + sum(p.curves[i][0, 1] for i in range(self.depth))
         high = p.fixed_ms + mixers.max(1).sum() + sum(p.curves[i][:, 1].max() for i in range(self.depth))
         return p.scale * low + p.offset, p.scale * high + p.offset

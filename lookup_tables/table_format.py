@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from supernets.architecture import Architecture, check_type
+from supernets.architecture import MIXERS, Architecture, check_type
 
 FORMAT = "spvit-search lookup table"
 FORMAT_VERSION = 1
@@ -144,6 +144,18 @@ class LatencyPrediction:
 
     def with_fixed(self, fixed_ms: float) -> LatencyPrediction:
         return LatencyPrediction(self.rows, fixed_ms, self.scale, self.offset)
+
+    def mixer_table(self) -> np.ndarray:
+        """Every block's latency of each mixer, (depth, 4) in MIXERS order (0 for a choice that runs nothing)."""
+        return np.array([[self.mixers.get((i, m), 0.0) for m in MIXERS] for i in range(len(self.curves))])
+
+    def dense(self) -> float:
+        """The corrected latency of the dense architecture: every block msa, every MLP at its full width (its
+        curve's last point)."""
+        blocks = (
+            self.mixers.get((i, "msa"), 0.0) + self.mlp(i, self.curves[i][-1, 0]) for i in range(len(self.curves))
+        )
+        return self.scale * (self.fixed_ms + sum(blocks)) + self.offset  # summed as `raw` sums an architecture
 
     def mlp(self, block: int, width: float) -> float:
         curve = self.curves[block]

@@ -16,7 +16,7 @@ from torch import nn
 from lookup_tables import LookupTable, differentiable_flops
 from lookup_tables.cost import differentiable_latency
 from lookup_tables.table_format import LATENCY
-from supernets import Architecture, BlockChoice
+from supernets import Architecture
 
 from .projection import project_to_budget
 
@@ -25,6 +25,7 @@ METRICS = ("macs", "latency")
 
 class MacsMetric:
     name = "macs"
+    unit = "GMACs"
 
     def __init__(self, lut: LookupTable) -> None:
         self.lut = lut
@@ -37,8 +38,6 @@ class MacsMetric:
 
     def range(self, full_size: bool = False) -> tuple[float, float]:
         return self.lut.range(full_size)
-
-    unit = "GMACs"
 
     @staticmethod
     def number(value: float) -> str:
@@ -53,6 +52,7 @@ class MacsMetric:
 
 class LatencyMetric:
     name = "latency"
+    unit = "ms"
 
     def __init__(self, lut: LookupTable) -> None:
         if lut.latency_prediction is None:
@@ -65,15 +65,10 @@ class LatencyMetric:
         return self.lut.latency(arch)
 
     def dense(self) -> float:
-        lut = self.lut
-        blocks = tuple(BlockChoice("msa", tuple(range(h))) for h in lut.mlp_hidden.tolist())
-        return self.of(Architecture(lut.model, lut.meta["img_size"], lut.meta["num_classes"], blocks, {},
-                                    lut.skip_mixer))  # fmt: skip
+        return self.lut.latency_prediction.dense()
 
     def range(self, full_size: bool = False) -> tuple[float, float]:
         return self.lut.latency_range()
-
-    unit = "ms"
 
     @staticmethod
     def number(value: float) -> str:
