@@ -23,7 +23,7 @@ from PIL import Image
 from results_md import save_results, study_record
 from safetensors.torch import save_file
 
-from lookup_tables import LatencyContext, Timer, build_latency_table
+from lookup_tables import LatencyContext, Timer, build_latency_table, network_calls
 from spvit_search.export import export_subnet
 from spvit_search.search import SearchConfig, run_search
 from supernets import Architecture, build_supernet
@@ -71,12 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.zeros(args.batch, 3, net.img_size, net.img_size)
     folder = write_image_folder(args.out / "images", args.images, net.img_size)
 
-    def measured(arch: Architecture) -> float:
-        subnet = export_subnet(net, arch).eval()
-        return timer(("network", arch), lambda: subnet(images))[0]
-
-    dense_ms = measured(net.dense_architecture())
-    rows = []
+    searched = {}
     for budget in args.budgets:
         for metric in ("latency", "macs"):
             out = args.out / f"{metric}_{budget}x"
@@ -87,14 +82,21 @@ def main(argv: list[str] | None = None) -> None:
                     num_workers=0, progress=False, device="cpu",
                 )
             )  # fmt: skip
-            arch = Architecture.load(out / "arch.json")
-            ms = measured(arch)
-            rows.append({
-                "budget": budget, "metric": metric, "measured_ms": ms, "measured_x_dense": ms / dense_ms,
-                "predicted_ms": lut.latency(arch), "macs_x_dense": lut.flops(arch) / lut.dense_flops(),
-                "miss": ms / dense_ms / budget - 1, "steps": summary["steps"],
-            })  # fmt: skip
-            print(f"{metric} {budget}x: measured {ms:.2f} ms = {ms / dense_ms:.3f}x of dense", flush=True)
+            searched[metric, budget] = Architecture.load(out / "arch.json"), summary["steps"]
+    # Every subnet and the dense model timed interleaved, in the same rounds.
+    archs = {"dense": net.dense_architecture()} | {f"{m} {b}x": arch for (m, b), (arch, _) in searched.items()}
+    timings = timer(network_calls(archs, lambda arch: export_subnet(net, arch), images, context))
+    measured = {name: ms for (_, name, _), (ms, _) in timings.items()}
+    dense_ms = measured["dense"]
+    rows = []
+    for (metric, budget), (arch, steps) in searched.items():
+        ms = measured[f"{metric} {budget}x"]
+        rows.append({
+            "budget": budget, "metric": metric, "measured_ms": ms, "measured_x_dense": ms / dense_ms,
+            "predicted_ms": lut.latency(arch), "macs_x_dense": lut.flops(arch) / lut.dense_flops(),
+            "miss": ms / dense_ms / budget - 1, "steps": steps,
+        })  # fmt: skip
+        print(f"{metric} {budget}x: measured {ms:.2f} ms = {ms / dense_ms:.3f}x of dense", flush=True)
     minutes = (time.perf_counter() - started) / 60
     lines = ["| budget | counted in | measured latency ÷ dense | miss | predicted ms | measured ms | MACs ÷ dense |",
              "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip

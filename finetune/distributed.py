@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,15 @@ def init_distributed(device: torch.device) -> DistributedContext:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(dist.get_rank(), dist.get_world_size())
+
+
+def gather_objects(context: DistributedContext, value: Any) -> list[Any]:
+    """`value` of every rank, in rank order (every rank calls it); `[value]` in a single process."""
+    if not context.enabled:
+        return [value]
+    values: list[Any] = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier(context: DistributedContext) -> None:

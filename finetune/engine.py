@@ -35,7 +35,7 @@ from supernets.io import atomic_write_text
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .devices import accumulation_dtype, autocast, to_device
-from .distributed import DistributedContext
+from .distributed import DistributedContext, barrier, gather_objects
 from .ema import ModelEma
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -222,9 +222,15 @@ class Engine:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def save(self) -> None:
+    def save(self, in_step: bool = True) -> None:
+        """Write the checkpoint. `in_step`: every rank saves at this step together, so the checkpoint keeps each
+        rank's RNGs (each draws its own dropout and augmentation) and the ranks wait for it to be whole; a save
+        on a signal, which each rank sees at its own step, keeps rank 0's alone."""
         self._log_interval()  # a checkpoint's step closes a log interval, and nothing non-finite may be saved
+        rngs = gather_objects(self.context, rng_state(self.device)) if in_step else [rng_state(self.device)]
         if not self.context.is_main:
+            if in_step:
+                barrier(self.context)  # a restarted group resumes from this checkpoint only once it is whole
             return
         state = {
             "epoch": self.epoch,
@@ -235,11 +241,14 @@ class Engine:
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "rng": rng_state(self.device),
+            "rng": rngs[0],
+            "rng_by_rank": rngs if len(rngs) == self.context.world_size else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "task": self.task.state_dict(),
         }
         save_checkpoint(self.checkpoint_path, self.model.state_dict(), state)
+        if in_step:
+            barrier(self.context)
 
     def resume(self, finished_ok: bool = False) -> None:
         """Restore everything from the run directory's checkpoint.
@@ -267,7 +276,10 @@ class Engine:
                 self.ema.load_state_dict(state["ema"])
             self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
             self.best, self.finished = state["best"], bool(state["finished"])
-            self._pending_rng = state["rng"]  # applied once the resumed epoch's batches are laid out
+            # Applied once the resumed epoch's batches are laid out. Each rank takes its own where the group has
+            # the checkpoint's size (a checkpoint of another world size, or of before per-rank RNGs: rank 0's).
+            by_rank = state.get("rng_by_rank") or [state["rng"]]
+            self._pending_rng = by_rank[self.context.rank] if len(by_rank) == self.context.world_size else state["rng"]
         except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, ValueError) as e:
             # e.g. a checkpoint copied over from a run of another model: load_state_dict lists the keys
             detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
@@ -360,7 +372,7 @@ class Engine:
             self.train_step(batch)
             self.batches_done += 1
             if self._stop_signal is not None:
-                self.save()
+                self.save(in_step=False)
                 raise TrainingInterrupted(
                     f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved, "
                     f"continue with --resume"

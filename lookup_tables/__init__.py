@@ -16,6 +16,7 @@ _EXPORTS = {
     "build_latency_table": "table",
     "LatencyContext": "latency",
     "Timer": "latency",
+    "network_calls": "latency",
     "count_macs": "counting",
     "count_macs_by_operator": "counting",
     "differentiable_flops": "cost",

@@ -8,7 +8,7 @@ head counts...). One with width choices is priced at each embedding width its fa
 (`Family.table_widths`), and a subnet of depth d costs the fixed part plus its first d blocks at its width.
 
 A block applied several times per forward (a recursive family) costs the sum of its applications. A family whose
-choices change the msa candidate's cost per pass adds extra msa rows per block (`Family.extra_block_rows`); the
+choices change the msa candidate's cost per pass adds extra msa rows per block (`Family.extra_msa_passes`); the
 `msa` mixer row, their sum at the supernet's own choices, is what the gradient search prices. The file format
 and how its rows select an architecture's costs are in `table_format`.
 """
@@ -49,6 +49,7 @@ from .table_format import (
     WIDTH,
     LatencyPrediction,
     dearest_selection,
+    latency_prediction,
     read_table_text,
     selected_rows,
     table_width,
@@ -109,11 +110,7 @@ class LookupTable:
         self.extra_msa: dict[int, dict[str, int]] = {}
         for row in blocks[blocks.item == EXTRA_MSA].itertuples():
             self.extra_msa.setdefault(int(row.block), {})[row.choice] = int(row.macs)
-        self._latency: LatencyPrediction | None = None
-        if LATENCY_HEADER in self.meta:
-            header = self.meta[LATENCY_HEADER]
-            rows = self._rows.to_dict("records")
-            self._latency = LatencyPrediction(rows, header["fixed_ms"], header["scale"], header["offset"])
+        self._latency = latency_prediction(self.meta, self._rows)
         narrower = {w: LookupTable(self.meta, self._frame[self._frame[WIDTH] == w]) for w in widths[:-1]}
         self._by_width = narrower | {widths[-1]: self}
 
@@ -207,18 +204,29 @@ class LookupTable:
             raise ValueError("this lookup table has no latency columns; measure one with `spvit lut --latency`")
         if context is not None:
             self.latency_context.check_matches(context)
-        return self._latency(arch)
+        return self._by_width[table_width(arch)]._latency(arch)
 
-    def latency_range(self) -> tuple[float, float]:
-        """(min, max) predicted ms over the gates' choices: every block at its fastest mixer with an empty MLP, and
-        at its slowest with its MLP at the slowest point of its curve."""
-        p = self._latency
-        if p is None:
+    def latency_range(self, full_size: bool = False) -> tuple[float, float]:
+        """(min, max) predicted ms over the search space, as `range` prices MACs: the fastest subnet (every
+        mixer at its fastest, every MLP empty, at any depth and width) and the slowest (every block at its slowest
+        mixer, and the msa at its family's slowest choices, with its MLP at the slowest point of its curve).
+        `full_size` keeps to the full depth and width and the supernet's own choices."""
+        if self._latency is None:
             raise ValueError("this lookup table has no latency columns; measure one with `spvit lut --latency`")
+        depths = [self.depth] if full_size else self.meta.get(CHOICES, {}).get("depth", [self.depth])
+        tables = [self] if full_size else self._by_width.values()
+
+        def fastest(p: LatencyPrediction, depth: int) -> float:
+            blocks = p.mixer_table().min(1)[:depth].sum() + sum(p.curves[i][0, 1] for i in range(depth))
+            return p.scale * (p.fixed_ms + blocks) + p.offset
+
+        low = min(fastest(t._latency, d) for t in tables for d in depths)
+        p = self._latency
         mixers = p.mixer_table()
-        low = p.fixed_ms + mixers.min(1).sum() + sum(p.curves[i][0, 1] for i in range(self.depth))
-        high = p.fixed_ms + mixers.max(1).sum() + sum(p.curves[i][:, 1].max() for i in range(self.depth))
-        return p.scale * low + p.offset, p.scale * high + p.offset
+        if not full_size:
+            mixers[:, MIXERS.index("msa")] = p.dearest_msa()
+        slowest = mixers.max(1).sum() + sum(p.curves[i][:, 1].max() for i in range(self.depth))
+        return low, p.scale * (p.fixed_ms + slowest) + p.offset
 
     def params(self, arch: Architecture) -> int:
         """Parameters `arch` needs as searched (a conv keeps v, proj, z and its BN; gates are not counted)."""
@@ -346,12 +354,13 @@ def build_latency_table(
     timer: TimerFn,
     convention: str = "fvcore",
     mlp_points: int = 32,
-    checks: int = 6,
+    checks: int = 8,
 ) -> LookupTable:
     """`build_lookup_table(net, convention)` with every choice's latency measured by `timer` on `net`'s device in
     `context` (see `lookup_tables.latency`); `export(arch)` builds the plain subnet the timings run."""
     table = build_lookup_table(net, convention)
-    shapes = _block_input_shapes(net, net.dense_architecture())
+    family = family_of(net)
+    shapes = {w: _block_input_shapes(net, family.smallest_architecture(net, w)) for w in family.table_widths(net)}
     rows, header = measure_latency(net, table.to_frame().to_dict("records"), shapes, export, context, timer,
                                    mlp_points, checks)  # fmt: skip
     return LookupTable(table.meta | {LATENCY_HEADER: header}, pd.DataFrame(rows))
@@ -399,14 +408,18 @@ def _measured_rows(net: nn.Module, family: Family, convention: str, embed_dim: i
 def _extra_msa_rows(
     net: nn.Module, family: Family, i: int, x: torch.Tensor, convention: str, msa_macs: int
 ) -> list[dict[str, Any]]:
-    """The family's extra msa rows of block i (input x), each pass measured with the msa mixer fixed."""
-    block = net.blocks[i]
-
-    def measure(kwargs: dict[str, Any]) -> int:
-        block.attn.fixed_mixer = "msa"
-        return _measure(_Branch(block, "mixer_branch", kwargs), x, convention)
-
-    return [dict(block=i, item=EXTRA_MSA) | row for row in family.extra_block_rows(net, i, measure, msa_macs)]
+    """The family's extra msa rows of block i (input x), each pass measured with the msa mixer fixed; their sum at
+    the supernet's own pass arguments must be the msa row's."""
+    block, passes = net.blocks[i], net.block_passes(i)
+    block.attn.fixed_mixer = "msa"
+    rows, own = [], 0
+    for choice, step, kwargs in family.extra_msa_passes(net, i):
+        macs = _measure(_Branch(block, "mixer_branch", kwargs), x, convention)
+        rows.append(dict(block=i, item=EXTRA_MSA, choice=choice, macs=macs, params=0))
+        own += macs if kwargs == passes[step] else 0
+    if rows and own != msa_macs:
+        raise RuntimeError(f"block {i}: msa costs {msa_macs} MACs, but its passes {own} at the same choices")
+    return rows
 
 
 class _Branch(nn.Module):

@@ -118,26 +118,44 @@ def selected_rows(arch: Architecture, rows: Mapping[str, int]) -> list[str] | No
     return chosen
 
 
-def dearest_selection(rows: Mapping[str, int]) -> int:
+def dearest_selection(rows: Mapping[str, float]) -> float:
     """The most a block's msa can cost: each pass (field and index path) at its dearest value."""
-    dearest: dict[tuple[str, tuple[int, ...]], int] = {}
+    dearest: dict[tuple[str, tuple[int, ...]], float] = {}
     for choice, macs in rows.items():
         field, path, _ = parse_selector(choice)
         dearest[field, path] = max(dearest.get((field, path), 0), macs)
     return sum(dearest.values())
 
 
+def latency_prediction(meta: dict[str, Any], frame: pd.DataFrame) -> LatencyPrediction | None:
+    """The latency model of a table's rows of one width; None for a table without latency columns."""
+    if LATENCY_HEADER not in meta or LATENCY not in frame.columns:
+        return None
+    header = meta[LATENCY_HEADER]
+    width = int(frame[WIDTH].iloc[0]) if WIDTH in frame.columns and len(frame) else 0
+    fixed_ms = header["fixed_ms"]
+    if isinstance(fixed_ms, dict):  # one per width
+        if str(width) not in fixed_ms:
+            raise ValueError(f"header: {LATENCY_HEADER}.fixed_ms has no entry for width {width}")
+        fixed_ms = fixed_ms[str(width)]
+    return LatencyPrediction(frame.to_dict("records"), float(fixed_ms), header["scale"], header["offset"])
+
+
 class LatencyPrediction:
-    """The latency of an architecture from the table's latency columns: the fixed part, each block's mixer and its
-    MLP's curve at the kept width (linear between the grid's points), then corrected."""
+    """The latency of an architecture from the table's latency columns (the rows of one width): the fixed part,
+    each block's mixer (an msa by the extra msa rows the architecture selects, where it selects any) and its MLP's
+    curve at the kept width (linear between the grid's points), then corrected."""
 
     def __init__(self, rows: list[dict[str, Any]], fixed_ms: float, scale: float, offset: float) -> None:
         self.rows, self.fixed_ms, self.scale, self.offset = rows, fixed_ms, scale, offset
         self.mixers: dict[tuple[int, str], float] = {}
+        self.extra_msa: dict[int, dict[str, float]] = {}
         curves: dict[int, list[tuple[int, float]]] = {}
         for r in rows:
             if r["item"] == "mixer":
                 self.mixers[r["block"], r["choice"]] = float(r[LATENCY])
+            elif r["item"] == EXTRA_MSA:
+                self.extra_msa.setdefault(int(r["block"]), {})[r["choice"]] = float(r[LATENCY])
             elif r["item"] == MLP_WIDTH:
                 curves.setdefault(int(r["block"]), []).append((int(r["units"]), float(r[LATENCY])))
         self.curves = {b: np.array(sorted(c), dtype=np.float64) for b, c in curves.items()}  # (points, 2)
@@ -148,6 +166,13 @@ class LatencyPrediction:
     def mixer_table(self) -> np.ndarray:
         """Every block's latency of each mixer, (depth, 4) in MIXERS order (0 for a choice that runs nothing)."""
         return np.array([[self.mixers.get((i, m), 0.0) for m in MIXERS] for i in range(len(self.curves))])
+
+    def dearest_msa(self) -> np.ndarray:
+        """Per block, the slowest its msa runs at any of its extra msa rows' choices (its msa row without any)."""
+        msa = self.mixer_table()[:, MIXERS.index("msa")]
+        for block, rows in self.extra_msa.items():
+            msa[block] = max(msa[block], dearest_selection(rows))
+        return msa
 
     def dense(self) -> float:
         """The corrected latency of the dense architecture: every block msa, every MLP at its full width (its
@@ -168,13 +193,19 @@ class LatencyPrediction:
         (w0, t0), (w1, t1) = curve[k], curve[k + 1]
         return float((t1 - t0) / (w1 - w0))
 
-    def block(self, index: int, choice: Any) -> float:
-        """Block `index`'s mixer and MLP at `choice` (a `BlockChoice`), uncorrected."""
-        return self.mixers.get((index, choice.mixer), 0.0) + self.mlp(index, len(choice.mlp_kept))
+    def block(self, arch: Architecture, index: int) -> float:
+        """Block `index` of `arch`: its mixer and its MLP, uncorrected."""
+        choice = arch.blocks[index]
+        mixer = self.mixers.get((index, choice.mixer), 0.0)
+        if choice.mixer == "msa" and index in self.extra_msa:
+            selected = selected_rows(arch, self.extra_msa[index])
+            if selected is not None:
+                mixer = sum(self.extra_msa[index][c] for c in selected)
+        return mixer + self.mlp(index, len(choice.mlp_kept))
 
     def raw(self, arch: Architecture) -> float:
         """The sum of the parts, uncorrected."""
-        return self.fixed_ms + sum(self.block(i, b) for i, b in enumerate(arch.blocks))
+        return self.fixed_ms + sum(self.block(arch, i) for i in range(arch.depth))
 
     def __call__(self, arch: Architecture) -> float:
         return self.scale * self.raw(arch) + self.offset

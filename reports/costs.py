@@ -18,11 +18,10 @@ import pandas as pd
 from lookup_tables.table_format import (
     CHOICES,
     EXTRA_MSA,
-    LATENCY,
-    LATENCY_HEADER,
     WIDTH,
     WIDTH_FIELD,
     LatencyPrediction,
+    latency_prediction,
     read_table_text,
     selected_rows,
     table_width,
@@ -123,11 +122,7 @@ def _table_at_width(meta: dict[str, Any], frame: pd.DataFrame, width: int) -> Co
     extra_msa: dict[int, dict[str, int]] = {}
     for row in blocks[blocks.item == EXTRA_MSA].itertuples():
         extra_msa.setdefault(int(row.block), {})[row.choice] = int(row.macs)
-    latency = None
-    if LATENCY_HEADER in meta and LATENCY in frame.columns:
-        header = meta[LATENCY_HEADER]
-        latency = LatencyPrediction(frame.to_dict("records"), header["fixed_ms"], header["scale"], header["offset"])
-    return CostTable(meta, fixed, mixers, mlp, width, extra_msa=extra_msa, latency=latency)
+    return CostTable(meta, fixed, mixers, mlp, width, extra_msa=extra_msa, latency=latency_prediction(meta, frame))
 
 
 def read_cost_table(path: Path, warnings: list[str]) -> CostTable | None:
@@ -254,7 +249,7 @@ def architecture_table(arch: Architecture, table: CostTable | None) -> pd.DataFr
     dense = Architecture(arch.model, arch.img_size, arch.num_classes, tuple(
         BlockChoice("msa", tuple(range(h))) for h in table.mlp.hidden), dict(arch.extras), arch.skip_mixer)  # fmt: skip
     for column, chosen in (("dense_latency_ms", dense), ("latency_ms", arch)):
-        parts = [pruned.latency.block(i, b) for i, b in enumerate(chosen.blocks)]
+        parts = [pruned.latency.block(chosen, i) for i in range(chosen.depth)]
         frame[column] = [*parts, *[0.0] * (len(blocks) - len(parts)), pruned.latency.fixed_ms, pruned.latency(chosen)]
     return frame
 

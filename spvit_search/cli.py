@@ -30,7 +30,14 @@ from .data import TrainDataConfig  # noqa: E402
 from .demo import DemoConfig  # noqa: E402
 from .finetuning import FinetuneConfig  # noqa: E402
 from .optuna_search import OptunaConfig, study_setting  # noqa: E402
-from .runs import ComputeSettings, DeviceSettings, ModelSettings, SearchSpaceSettings, WeightsSettings  # noqa: E402
+from .runs import (  # noqa: E402
+    RESUME_MODES,
+    ComputeSettings,
+    DeviceSettings,
+    ModelSettings,
+    SearchSpaceSettings,
+    WeightsSettings,
+)
 from .search import BudgetSettings, SearchConfig  # noqa: E402
 
 EXIT_FAILED = 1
@@ -120,7 +127,11 @@ class ReportConfig:
 class ResumeOption:
     """How a training command treats its run directory; not a setting of the run."""
 
-    resume: bool = setting(False, group="run", help="continue the run in --out from its checkpoint")
+    resume: str = setting(
+        "no", group="run", choices=tuple(RESUME_MODES), nargs="?", const="yes", metavar="auto",
+        help="continue the run in --out from its checkpoint; `--resume auto` continues one if there is a checkpoint "
+        "and starts one otherwise (the command for `torchrun --max-restarts`)",
+    )  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -241,8 +252,9 @@ def run_lut(args: argparse.Namespace) -> None:
         print(f"latency on {context.describe()}: dense {lut.latency(net.dense_architecture()):.3f} ms per batch")
         for check in header["checks"]:
             error = check["predicted_ms"] / check["measured_ms"] - 1
+            fitted = "" if check["fitted"] else ", not fitted"
             print(f"  {check['arch']}: measured {check['measured_ms']:.3f} ms, predicted {check['predicted_ms']:.3f} "
-                  f"ms ({error:+.1%})")  # fmt: skip
+                  f"ms ({error:+.1%}{fitted})")  # fmt: skip
         print(f"  correction: {header['scale']:.3f} x the sum of the parts + {header['offset']:.3f} ms")
     if config.out:
         lut.save(config.out)
@@ -256,7 +268,7 @@ def run_search_command(args: argparse.Namespace) -> None:
     from .search import run_search
 
     config = settings_from_args(SearchConfig, args)
-    summary = run_search(config, resume=args.resume)
+    summary = run_search(config, resume=RESUME_MODES[args.resume])
     if summary is None:  # a DDP rank other than 0
         return
     if summary["metric"] == "latency":
@@ -281,7 +293,7 @@ def run_optuna_command(args: argparse.Namespace) -> None:
 
     if args.compile:
         print(f"spvit: note: {COMPILE_NOTE}", file=sys.stderr)
-    if args.resume:
+    if args.resume != "no":
         raise ValueError("--strategy optuna continues a study by running the same command again, without --resume")
     config = settings_from_args(OptunaConfig, args)
     summary = run_optuna(config)
@@ -355,7 +367,7 @@ def run_finetune_command(args: argparse.Namespace) -> None:
     from .finetuning import run_finetune
 
     config = settings_from_args(FinetuneConfig, args)
-    summary = run_finetune(config, resume=args.resume)
+    summary = run_finetune(config, resume=RESUME_MODES[args.resume])
     if summary is None:  # a DDP rank other than 0
         return
     teacher = summary["teacher_val_acc1"]

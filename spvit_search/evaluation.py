@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -12,25 +10,8 @@ from torch.utils.data import DataLoader
 
 from finetune.classification import evaluate_classifier
 from lookup_tables.counting import count_macs
-from supernets.devices import device_name, synchronize
-
-
-@torch.inference_mode()
-def measure_latency(model: nn.Module, images: torch.Tensor, warmup: int = 3, repeats: int = 10) -> float:
-    """Median milliseconds of one forward of `images` (the model in eval mode, both on the same device). Every
-    forward is waited for (`synchronize`): a GPU queues kernels and returns, so an unsynchronised timer measures
-    only the launch."""
-    model.eval()
-    for _ in range(warmup):
-        model(images)
-    synchronize(images.device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(images)
-        synchronize(images.device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+from lookup_tables.latency import Timer
+from supernets.devices import device_name
 
 
 def describe_model(
@@ -45,12 +26,14 @@ def describe_model(
     forward = torch.compile(model) if compiled else model
     metrics = evaluate_classifier(forward, val_loader)
     image = torch.zeros(1, 3, img_size, img_size)
+    images = torch.randn(latency_batch, 3, img_size, img_size, device=device)
+    latency_ms, _ = Timer(device, repeats=10)({("network",): lambda: forward(images)})[("network",)]
     return {
         "acc1": metrics["acc1"],
         "acc5": metrics["acc5"],
         "macs": count_macs(model, image),
         "params": sum(p.numel() for p in model.parameters()),
-        "latency_ms": measure_latency(forward, torch.randn(latency_batch, 3, img_size, img_size, device=device)),
+        "latency_ms": latency_ms,
         "latency_batch": latency_batch,
         "device": device_name(device),
         "dtype": str(parameter.dtype).removeprefix("torch."),

@@ -125,7 +125,7 @@ class DistillationTask(ClassificationTask):
         save_subnet(model, self.out_dir / name, source=self.source)
 
 
-def run_finetune(config: FinetuneConfig, resume: bool = False) -> dict[str, Any] | None:
+def run_finetune(config: FinetuneConfig, resume: bool | str = False) -> dict[str, Any] | None:
     """Fine-tune `config.subnet`; returns the run's summary (also `summary.json`) on the main process, None on
     the other DDP ranks."""
     _check_config(config)

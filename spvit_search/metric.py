@@ -15,7 +15,7 @@ from torch import nn
 
 from lookup_tables import LookupTable, differentiable_flops
 from lookup_tables.cost import differentiable_latency
-from lookup_tables.table_format import LATENCY
+from lookup_tables.table_format import LATENCY, WIDTH
 from supernets import Architecture
 
 from .projection import project_to_budget
@@ -68,7 +68,7 @@ class LatencyMetric:
         return self.lut.latency_prediction.dense()
 
     def range(self, full_size: bool = False) -> tuple[float, float]:
-        return self.lut.latency_range()
+        return self.lut.latency_range(full_size)
 
     @staticmethod
     def number(value: float) -> str:
@@ -93,6 +93,7 @@ class LatencyMetric:
         the first fixed row, each mixer's own, and each MLP's chord (its empty cost, and per kept unit)."""
         p = self.lut.latency_prediction
         frame = self.lut.to_frame()
+        frame = frame[frame[WIDTH] == frame[WIDTH].max()].reset_index(drop=True)  # the gates' width
         ns = pd.Series(0.0, index=frame.index)
         ns[frame.item == "mixer"] = frame[LATENCY][frame.item == "mixer"]
         ns[frame.index[frame.item == "fixed"][0]] = p.fixed_ms

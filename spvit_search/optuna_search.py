@@ -5,17 +5,22 @@ supernet with the candidate fixed (optionally after re-estimating BN statistics)
 lookup-table MACs are an Optuna constraint (`trial.set_constraint`) checked before any evaluation: an
 over-budget candidate is pruned at once and costs nothing.
 
-The study lives in a storage (a JournalStorage file by default, `OUT/study.journal`, or an SQLite URL)
-that several processes, or machines sharing it, can work on at once; `--trials` is the study's total of
-finished (complete or pruned) trials, so a killed study continues where it stopped: rerun the command.
+The study lives in a storage (a JournalStorage file by default, `OUT/study.journal`, or a database URL:
+`postgresql://...` for workers on many machines, `sqlite:///...`) that several processes can work on at once;
+`--trials` is the study's total of finished (complete or pruned) trials, so a killed study continues where it
+stopped: rerun the command. In a database, each running trial beats a heartbeat: a worker that dies mid-trial
+is found out by the others after the grace period, its trial marked FAIL and retried once. The study records the
+settings it was created with; a worker with other settings is refused instead of mixing its trials in.
 A run directory (kind `optuna`) holds `config.json`, `lut.csv`, `supernet.safetensors` (so `spvit export --run` works),
 `trials.csv`, `pareto.json`, the best `arch.json` and `summary.json`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,7 @@ from typing import Any, ClassVar
 import optuna
 import pandas as pd
 import torch
+from optuna.storages import RetryFailedTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from torch import nn
@@ -42,7 +48,9 @@ from .data import DataConfig, build_datasets, build_loaders, num_classes_of
 from .discrete_spaces import DEFAULT_MLP_RATIOS, DiscreteSpace, discrete_space
 from .export import load_search_supernet
 from .metric import LatencyMetric, MacsMetric, cost_metric
+from .run_lock import process_exists
 from .runs import (
+    NOT_SETTINGS,
     DeviceSettings,
     ModelSettings,
     Run,
@@ -85,7 +93,13 @@ class OptunaConfig(
         help="accuracy: best top-1 under the budget; pareto: top-1 vs MACs (multi-objective)",
     )  # fmt: skip
     sampler: str = study_setting("tpe", choices=SAMPLERS, help="how Optuna draws the next candidate")
-    storage: str | None = study_setting(None, help="journal file or sqlite:/// URL", default_text=f"OUT/{JOURNAL}")
+    storage: str | None = study_setting(
+        None, help="journal file, or a database URL: postgresql://USER@HOST:PORT/DB (pip install "
+        "'spvit-search[postgres]'), sqlite:///FILE", default_text=f"OUT/{JOURNAL}",
+    )  # fmt: skip
+    heartbeat: int = study_setting(
+        60, help="seconds between a database trial's heartbeats; one silent for 2 of them failed and retried once"
+    )
     study_name: str = study_setting("spvit", help="the study's name in --storage")
     supernet: str | None = study_setting(
         None, help="a gradient search's supernet.safetensors to score with (its gates rank the MLP units)",
@@ -224,13 +238,22 @@ def _known_accuracy(study: optuna.Study, params: dict[str, Any]) -> float | None
 
 
 def _study(config: OptunaConfig, out: Path) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
-    storage = _storage(config.storage or str(out / JOURNAL))
+    storage = _storage(config.storage or str(out / JOURNAL), config.heartbeat)
     directions = ["maximize", "minimize"] if config.objective == "pareto" else ["maximize"]
     existing = optuna.create_study(
         storage=storage, study_name=config.study_name, directions=directions, load_if_exists=True
     )
+    where = f"study '{config.study_name}' in {_redacted(config.storage) if config.storage else out / JOURNAL}"
     if len(existing.directions) != len(directions):
-        raise ValueError(f"study '{config.study_name}' in {config.storage or out / JOURNAL} has another --objective")
+        raise ValueError(f"{where} has another --objective")
+    settings = study_settings(config)
+    recorded = existing.user_attrs.get(SETTINGS_ATTR)
+    if recorded is None:
+        existing.set_user_attr(SETTINGS_ATTR, settings)
+    elif recorded != settings:
+        changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+        raise ValueError(f"{where} was created with other settings: {', '.join(changed)} differ; use another "
+                         f"--study-name or the study's settings")  # fmt: skip
     # A process that joins or continues a study draws other candidates than the ones before it: the sampler's
     # seed counts the trials the study already has.
     seed = config.seed + len(existing.get_trials(deepcopy=False))
@@ -242,9 +265,31 @@ def _study(config: OptunaConfig, out: Path) -> tuple[optuna.Study, optuna.storag
     return optuna.load_study(study_name=config.study_name, storage=storage, sampler=sampler), storage
 
 
-def _storage(spec: str) -> optuna.storages.BaseStorage:
+SETTINGS_ATTR = "spvit_settings"  # the study's user attribute of the settings it was created with
+
+
+def study_settings(config: OptunaConfig) -> dict[str, Any]:
+    """What a study's trials depend on: every setting but where a worker writes and how it runs and shows."""
+    per_worker = (*NOT_SETTINGS, "storage", "heartbeat", "num_workers", "seed")
+    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in per_worker}))
+
+
+def _redacted(url: str) -> str:
+    """`url` without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _storage(spec: str, heartbeat: int) -> optuna.storages.BaseStorage:
     if "://" in spec:
-        return optuna.storages.RDBStorage(spec)
+        if spec.startswith("postgresql") and importlib.util.find_spec("psycopg") is None:
+            raise ValueError("--storage postgresql:// needs the psycopg driver: pip install 'spvit-search[postgres]'")
+        try:
+            return optuna.storages.RDBStorage(
+                spec, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            )  # fmt: skip
+        except Exception as e:  # SQLAlchemy's errors: a bad URL, a server that does not answer
+            raise ValueError(f"--storage {_redacted(spec)}: {str(e).splitlines()[0]}") from None
     path = Path(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(
@@ -259,19 +304,9 @@ def _fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStor
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_exists(int(pid)):
+        if worker_host == host and pid.isdigit() and not process_exists(int(pid)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_outputs(

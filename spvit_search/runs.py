@@ -13,7 +13,7 @@ import dataclasses
 import json
 import typing
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
@@ -27,7 +27,10 @@ from reports.run_format import CHECKPOINT, CONFIG, KIND_KEY, SUMMARY
 from supernets.architecture import SKIP_MIXERS
 from supernets.io import atomic_write_text, remove_stale_temporaries
 
+from .run_lock import RunLock
 from .settings import describe_type, group, matches_type
+
+RESUME_MODES: dict[str, bool | str] = {"no": False, "yes": True, "auto": "auto"}  # --resume's values
 
 # May differ on resume: how a run shows, where it lives and computes, not what it computes. A run resumed on another
 # device continues from its checkpoint, but bit-identical resume is promised on the same device and dtype only.
@@ -278,16 +281,22 @@ class Run:
 
 
 @contextmanager
-def start_run(config: RunConfig, resume: bool = False, distributed: bool = True) -> Iterator[Run]:
+def start_run(config: RunConfig, resume: bool | str = False, distributed: bool = True) -> Iterator[Run]:
     """Start a run of `config`: its device resolved, its directory checked, the torchrun process group joined
     (`distributed`) and torch seeded with its seed (the same initial weights on every rank); the process group
-    is left when the run ends, however it ends."""
+    is left when the run ends, however it ends. `resume`: True, False, or "auto" (True where `--out` holds a
+    checkpoint)."""
     config, device = resolve_compute(config)
     out_dir = Path(config.out)
-    joined = check_run_directory(out_dir, config, resume)
+    if resume == "auto":  # what a restarted torchrun group runs: continue where a checkpoint is, start otherwise
+        resume = (out_dir / CHECKPOINT).exists()
     context = init_distributed(device) if distributed else DistributedContext()
+    # The main process is the run's one writer (an Optuna study's directory is shared by its workers on purpose).
+    lock = RunLock(out_dir) if context.is_main and not config.joinable else nullcontext()
     try:
-        torch.manual_seed(config.seed)
-        yield Run(config, out_dir, device, context, resume, joined)
+        with lock:
+            joined = check_run_directory(out_dir, config, resume)
+            torch.manual_seed(config.seed)
+            yield Run(config, out_dir, device, context, resume, joined)
     finally:
         shutdown(context)

@@ -251,7 +251,7 @@ def gate_statistics(net: Supernet) -> dict[str, torch.Tensor]:
     return stats
 
 
-def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | None:
+def run_search(config: SearchConfig, resume: bool | str = False) -> dict[str, Any] | None:
     """Search under `config.target`; returns the run's summary (also written as `summary.json`) on the main
     process, None on the other DDP ranks."""
     _check_config(config)

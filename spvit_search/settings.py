@@ -46,6 +46,7 @@ class Flag:
     choices: tuple[Any, ...] | None = None
     metavar: str | None = None
     nargs: str | None = None  # default: "+" for a list field
+    const: Any = None  # the value of a flag given without one (nargs "?")
     parse: Callable[[Any], Any] | None = None  # the field's value from the flag's (idempotent on field values)
     default_text: str | None = None  # the default in words, where the field's value alone does not say it
     # The command line (or a --config file) must give it although the dataclass has a default for Python callers:
@@ -295,6 +296,8 @@ def _add_flag(container: Any, field: dataclasses.Field, flag: Flag, hint: Any) -
         nargs = flag.nargs or ("+" if typing.get_origin(hint) is list else None)
         if nargs is not None:
             kwargs["nargs"] = nargs
+        if nargs == "?":
+            kwargs["const"] = flag.const
     if flag.positional:
         action = container.add_argument(field.name, **kwargs)
     else:

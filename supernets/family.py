@@ -118,11 +118,10 @@ class Family:
         """The dense architecture at `width` (0: the only one), whose blocks the lookup table then empties."""
         return net.dense_architecture()
 
-    def extra_block_rows(
-        self, net: Supernet, index: int, measure: Callable[[str, dict[str, Any]], int], msa_macs: int
-    ) -> list[dict[str, Any]]:
-        """Lookup-table rows of block `index` beyond its mixers and MLP: `measure(branch, kwargs)` counts one
-        pass of a branch with the msa mixer fixed. `msa_macs` is the block's msa row, which they must agree with."""
+    def extra_msa_passes(self, net: Supernet, index: int) -> list[tuple[str, int, dict[str, Any]]]:
+        """Block `index`'s msa passes that a lookup table prices beyond its msa row: (the row's selector
+        `FIELD[i][j]=V`, the pass, its keyword arguments) each. Its msa row is the sum of the passes at the
+        supernet's own keyword arguments. None by default."""
         return []
 
 

@@ -39,15 +39,18 @@ class FakeTimer:
         parts += sum(mlp_ms(len(b.mlp_kept), self.bend) for b in arch.blocks)
         return 1.3 * (parts + 0.8) + 0.25
 
-    def __call__(self, key, fn):
+    def __call__(self, calls):
+        return {key: self.price(key, fn) for key, fn in calls.items()}
+
+    def price(self, key, fn):
         fn()
         self.keys.append(key)
-        kind = key[0]
-        if kind == "mixer":
-            return MIXER_MS[key[2]], 0.01
-        if kind == "mlp":
-            return mlp_ms(key[2], self.bend), 0.01
-        return self.network(key[1]), 0.02
+        if key[0] == "network":
+            return self.network(key[2]), 0.02
+        _, _, item, choice = key[:4]
+        if item == "mixer":
+            return MIXER_MS[choice], 0.01
+        return mlp_ms(choice, self.bend), 0.01
 
 
 def tiny(skip_mixer: str = "identity"):
@@ -77,9 +80,9 @@ def test_a_linear_world_is_predicted_exactly(skip_mixer):
     for arch in [net.dense_architecture(), *random_architectures(net, 6)]:
         assert lut.latency(arch) == pytest.approx(timer.network(arch), rel=1e-9)
     header = lut.meta["latency"]
-    assert header["scale"] == pytest.approx(1.3) and len(header["checks"]) == 6
+    assert header["scale"] == pytest.approx(1.3) and len(header["checks"]) == 9  # the empty network, not fitted
     assert all(c["predicted_ms"] == pytest.approx(c["measured_ms"]) for c in header["checks"])
-    identity_skips = [k for k in timer.keys if k[0] == "mixer" and k[2] == "skip"]
+    identity_skips = [k for k in timer.keys if k[2:4] == ("mixer", "skip")]
     assert bool(identity_skips) == (skip_mixer == "affine")  # an identity skip runs nothing to time
 
 
@@ -115,12 +118,17 @@ def test_saved_tables_keep_their_latency_and_refuse_other_contexts(tmp_path):
         build_lookup_table(net).latency(arch)
 
 
-def test_a_real_timer_reports_the_median_and_spread_of_its_clock():
-    ticks = iter([0.0, 0.010, 1.0, 1.012, 2.0, 2.011, 3.0, 3.050, 4.0, 4.010])
-    timer = Timer(CPU, repeats=5, warmup=1, clock=lambda: next(ticks))
-    calls = []
-    median, spread = timer(("anything",), lambda: calls.append(1))
-    assert len(calls) == 6 and median == pytest.approx(11.0) and spread > 0
+def test_a_real_timer_interleaves_its_calls_and_reports_each_ones_median_and_spread():
+    ticks = iter(range(100))
+    order = []
+    clock = lambda: next(ticks) * 1e-3  # noqa: E731 - each reading 1 ms after the last
+    timer = Timer(CPU, repeats=5, warmup=1, clock=clock)
+    # Each call burns clock readings of its own, so that a timing is known: "a" lasts 1 ms, "b" 3 ms.
+    timings = timer({("a",): lambda: order.append("a"), ("b",): lambda: [order.append("b"), clock(), clock()]})
+    assert order.count("a") == order.count("b") == 6  # one warmup and 5 timed calls each
+    rounds = order[2:]
+    assert all(sorted(rounds[k : k + 2]) == ["a", "b"] for k in range(0, 10, 2))  # each round calls both once
+    assert timings[("a",)] == pytest.approx((1.0, 0.0)) and timings[("b",)] == pytest.approx((3.0, 0.0))
 
 
 def test_lut_measures_and_eval_refuses_a_table_of_another_batch(tmp_path, capsys):
@@ -183,3 +191,73 @@ def test_a_search_meets_a_latency_budget_and_refuses_impossible_ones(image_folde
     plain = [*search[:-1], str(tmp_path / "macs.csv")]
     assert main([*plain, "--out", str(tmp_path / "bad2"), "--target", "5ms"]) == 2
     assert "--metric latency needs a latency lookup table" in capsys.readouterr().err
+
+
+class FamilyFakeTimer(FakeTimer):
+    """The fake world of a supernet with choices outside its gates: every part scales with the embedding width
+    (T2T-ViT), and an msa pass runs G times faster split into G groups (SReT); each block runs once per pass."""
+
+    def __init__(self, net) -> None:
+        super().__init__()
+        self.net, self.full = net, net.dense_architecture()
+
+    def width_factor(self, width: int) -> float:
+        return width / self.full.embed_dim if width else 1.0
+
+    def msa_pass(self, block: int, step: int, groups: int) -> float:
+        own = self.net.block_passes(block)[step].get("groups", 1)
+        return MIXER_MS["msa"] / len(self.net.block_passes(block)) * own / groups
+
+    def network(self, arch) -> float:
+        scale = self.width_factor(arch.embed_dim or 0)
+        parts = 0.0
+        for i, b in enumerate(arch.blocks):
+            passes = self.net.block_passes(i)
+            if b.mixer == "msa" and arch.groups is not None:
+                stage = self.net.block_stages[i]
+                parts += sum(self.msa_pass(i, p, arch.groups[stage][p]) for p in range(len(passes)))
+            elif b.mixer != "skip":
+                parts += MIXER_MS[b.mixer] / (len(passes) if b.mixer == "msa" else 1) * len(passes)
+            parts += mlp_ms(len(b.mlp_kept), 0.0) * len(passes)
+        return 1.3 * (scale * parts + 0.8) + 0.25
+
+    def price(self, key, fn):
+        fn()
+        if key[0] == "network":
+            return self.network(key[2]), 0.02
+        width, block, item, choice, *rest = key
+        scale = self.width_factor(width)
+        passes = len(self.net.block_passes(block))
+        if item == "mixer":
+            return scale * MIXER_MS[choice] / (passes if choice == "msa" else 1), 0.01
+        if item == "msa_groups":
+            return scale * self.msa_pass(block, rest[0], int(choice.rsplit("=", 1)[1])), 0.01
+        return scale * mlp_ms(choice, 0.0), 0.01
+
+
+def test_t2t_widths_and_depths_are_measured_and_predicted():
+    net = build_supernet("t2t_vit_7", img_size=32, num_classes=10, embed_dim=64, depth=3).eval()
+    timer = FamilyFakeTimer(net)
+    lut = latency_table(net, timer)
+    assert set(lut.meta["latency"]["fixed_ms"]) == {"32", "48", "64"}
+    rng = random.Random(3)
+    for heads, depth in ((2, 3), (3, 2), (4, 2), (4, 3)):
+        width = heads * net.head_dim
+        blocks = [BlockChoice(rng.choice(MIXERS), tuple(range(rng.randint(0, 2 * width)))) for _ in range(depth)]
+        arch = Architecture(net.name, 32, 10, tuple(blocks), {"embed_dim": width, "num_heads": heads})
+        assert lut.latency(arch) == pytest.approx(timer.network(arch), rel=1e-9)
+    low, high = lut.latency_range()
+    assert low < lut.latency_range(full_size=True)[0] and high == lut.latency_range(full_size=True)[1]
+
+
+def test_sret_group_splits_are_measured_and_predicted():
+    kwargs = dict(base_dim=8, heads=[1, 2, 4], depth=[4, 2, 2], recursive_num=[2, 1, 1])
+    net = build_supernet("sret_t", img_size=64, num_classes=10, groups=[[4, 2], [2, 1], [1, 1]], **kwargs).eval()
+    timer = FamilyFakeTimer(net)
+    lut = latency_table(net, timer)
+    dense = net.dense_architecture()
+    assert lut.latency(dense) == pytest.approx(timer.network(dense), rel=1e-9)
+    split = dense.with_extras(groups=((16, 1), (1, 4), (2, 2)))
+    assert lut.latency(split) == pytest.approx(timer.network(split), rel=1e-9) and lut.latency(split) != lut.latency(
+        dense)  # fmt: skip
+    assert lut.latency_range()[1] > lut.latency_range(full_size=True)[1]  # the slowest groups are slower

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,13 +69,33 @@ def test_killed_search_resumes_bit_identically(dense_checkpoint, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    assert json.loads((killed / ".lock").read_text())["pid"] == process.pid  # stale: its holder was killed
 
-    assert main(search_args(dense_checkpoint, killed, *args, "--resume")) == 0
+    assert main(search_args(dense_checkpoint, killed, *args, "--resume", "auto")) == 0  # takes the stale lock over
+    assert not (killed / ".lock").exists()
     a, b = _gate_logits(straight), _gate_logits(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "arch.json").read_text() == (killed / "arch.json").read_text()
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # no step logged twice across the kill
+
+
+def test_a_second_writer_of_a_live_run_is_refused_and_the_first_finishes(dense_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--target", "0.8x", "--epochs", "1", "--resume", "auto"]  # auto: nothing to resume, so a fresh run
+    first = subprocess.Popen(
+        [sys.executable, "-m", "spvit_search.cli", *search_args(dense_checkpoint, out, *args)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / ".lock").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert main(search_args(dense_checkpoint, out, *args)) == 2
+    error = capsys.readouterr().err
+    assert re.fullmatch(rf"spvit: error: {re.escape(str(out))} is in use by pid {first.pid} on \S+; .*\n", error)
+    stderr = first.communicate(timeout=300)[1]
+    assert first.returncode == 0, stderr[-2000:]
+    assert (out / "summary.json").is_file() and not (out / ".lock").exists()
 
 
 def test_resume_refuses_other_settings_and_finished_runs(dense_checkpoint, tmp_path, capsys):
@@ -89,15 +110,37 @@ def test_resume_refuses_other_settings_and_finished_runs(dense_checkpoint, tmp_p
     assert "finished run" in capsys.readouterr().err
 
 
-def test_ddp_search_writes_one_set_of_outputs(dense_checkpoint, tmp_path):
-    out = tmp_path / "ddp"
+def torchrun_search(dense_checkpoint: Path, out: Path) -> list[str]:
+    """A 2-process search that an elastic agent may restart once: `--resume auto` starts it, or continues it."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "spvit_search.cli",
-         *search_args(dense_checkpoint, out, "--target", "0.7x", "--epochs", "1", "--batch-size", "32",
-                      "--log-every", "1")],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    return [str(torchrun), "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "spvit_search.cli",
+            *search_args(dense_checkpoint, out, "--target", "0.7x", "--epochs", "1", "--batch-size", "32",
+                         "--log-every", "1", "--checkpoint-every", "5", "--resume", "auto")]  # fmt: skip
+
+
+def worker_of_rank(agent: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The pid of the torchrun agent's worker of `rank` (read from the workers' environments)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for task in Path(f"/proc/{agent.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in environ:
+                    return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_ddp_search_writes_one_set_of_outputs_and_survives_a_killed_rank(dense_checkpoint, tmp_path):
+    """Two gloo processes write one set of outputs; with one of them SIGKILLed mid-epoch, torchrun restarts the
+    group, which resumes from the last checkpoint and ends with the same architecture and weights."""
+    out, killed = tmp_path / "ddp", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(torchrun_search(dense_checkpoint, out), cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("searched test_vit") == 1  # only rank 0 reports
     names = sorted(p.name for p in out.iterdir())
@@ -107,3 +150,17 @@ def test_ddp_search_writes_one_set_of_outputs(dense_checkpoint, tmp_path):
     )  # fmt: skip
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in steps if "ce" in r]) == 23  # 1,438 images / 2 ranks / 32 per batch, once
+
+    agent = subprocess.Popen(torchrun_search(dense_checkpoint, killed), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    worker = worker_of_rank(agent, 1)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(worker, signal.SIGKILL)  # mid-epoch: the checkpoint is of step 5 of 23
+    stderr = agent.communicate(timeout=600)[1]
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "restart" in stderr.lower(), stderr[-2000:]  # the agent restarted the group
+    assert (killed / "arch.json").read_text() == (out / "arch.json").read_text()
+    a, b = load_file(str(out / "supernet.safetensors")), load_file(str(killed / "supernet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

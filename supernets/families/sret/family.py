@@ -3,7 +3,7 @@ chosen per stage and pass."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -35,22 +35,16 @@ class SReTFamily(Family):
     def search_space(self, net: SReTSupernet, mixers: Iterable[str], mlp_ratios: Iterable[float]) -> SReTSpace:
         return SReTSpace(net, mixers, mlp_ratios)
 
-    def extra_block_rows(
-        self, net: SReTSupernet, index: int, measure: Callable[[dict[str, Any]], int], msa_macs: int
-    ) -> list[dict[str, Any]]:
+    def extra_msa_passes(self, net: SReTSupernet, index: int) -> list[tuple[str, int, dict[str, Any]]]:
         """Group splits change the msa's attention matmuls (÷G): block `index`'s msa on each pass at every group
-        count the pass offers, one row each, selected by the architecture's `groups[s][p]=G`."""
+        count the pass offers, selected by the architecture's `groups[s][p]=G`."""
         stage = net.block_stages[index]
         offered = net.discrete_choices()["groups"][stage]
-        rows, own = [], 0
-        for step, (options, kwargs) in enumerate(zip(offered, net.block_passes(index), strict=True)):
-            for groups in options:
-                macs = measure(kwargs | {"groups": groups})
-                rows.append({"choice": f"groups[{stage}][{step}]={groups}", "macs": macs, "params": 0})
-                own += macs if groups == kwargs["groups"] else 0
-        if own != msa_macs:
-            raise RuntimeError(f"block {index}: msa costs {msa_macs} MACs, but its passes {own} at the same groups")
-        return rows
+        return [
+            (f"groups[{stage}][{step}]={groups}", step, kwargs | {"groups": groups})
+            for step, (options, kwargs) in enumerate(zip(offered, net.block_passes(index), strict=True))
+            for groups in options
+        ]
 
 
 FAMILY = register_family(SReTFamily())
