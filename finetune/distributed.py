@@ -32,8 +32,27 @@ def init_distributed(device: torch.device) -> DistributedContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's collectives run on the current device: this rank's own GPU
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_store()
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size)
     return DistributedContext(dist.get_rank(), dist.get_world_size())
+
+
+def _restart_store() -> dist.Store | None:
+    """The key space of this attempt in torchrun's agent store, for a group that the agent restarted; None for a
+    first attempt or a store of our own.
+
+    The agent keeps serving one store across restarts: without a prefix, a restarted rank that starts before its
+    peers reads the dead group's addresses, and gloo's connect to them is refused.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return dist.PrefixStore(f"spvit/restart_{restart}", agent)
 
 
 def gather_objects(context: DistributedContext, value: Any) -> list[Any]:

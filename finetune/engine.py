@@ -2,8 +2,8 @@
 
 A `Task` says what a step computes and what an epoch's end decides; the `Engine` owns everything else:
 the device, optimizers and schedules, DDP, gradient clipping, mixed precision (bf16 autocast, or fp16 with a
-GradScaler), torch.compile, the weights' EMA, checkpoint/resume, best and last models, `metrics.jsonl` and
-progress bars.
+GradScaler), torch.compile, the weights' EMA, checkpoint/resume, best and last models, `metrics.jsonl` (and the
+other metrics sinks a caller adds, e.g. TensorBoard) and progress (`finetune.progress`).
 The hot loop never waits for the device: a step's metrics stay device tensors, summed on the device and read
 back once every `log_every` steps, at checkpoints and at an epoch's end; the non-finite-loss check is read there
 too, always before anything is saved, so a checkpoint never holds weights a NaN reached.
@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from supernets.io import atomic_write_text
 
@@ -37,6 +36,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .devices import accumulation_dtype, autocast, to_device
 from .distributed import DistributedContext, barrier, gather_objects
 from .ema import ModelEma
+from .progress import EpochProgress
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -92,7 +92,7 @@ class EngineConfig:
     grad_clip: float | None = None  # max gradient norm, None for no clipping
     checkpoint_every: int = 0  # optimizer steps between checkpoints; epoch ends always write one
     log_every: int = 50  # optimizer steps between metrics.jsonl lines (means over the steps); epoch ends write one
-    progress: bool = True  # tqdm bars on the main process
+    progress: bool = True  # tqdm bars on the main process when it writes to a terminal (epoch lines either way)
     find_unused_parameters: bool = False  # DDP: some parameters may get no gradient in a step (single-path search)
     device: torch.device = torch.device("cpu")
     amp: str = "none"  # none | bf16 | fp16: the training forwards' autocast dtype; evaluation stays float32
@@ -138,6 +138,16 @@ class StepMetrics:
         record.update({k: float(v) for k, v in state.items() if k not in tensors})
         self.sums, self.last, self.steps = {}, {}, 0
         return int(first), record
+
+
+class MetricsSink(Protocol):
+    """Where the engine's metrics records go: `{"step", "epoch", metric: number, ...}`, a log interval's means (and
+    the task's state) or an epoch's validation metrics."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def truncate_after(self, step: int) -> None:
+        """Called on resume, before any write: drop what was logged after the checkpoint's `step`."""
 
 
 class MetricsLog:
@@ -186,7 +196,9 @@ class Engine:
         train_loader: DataLoader,
         config: EngineConfig,
         context: DistributedContext | None = None,
+        sinks: Sequence[MetricsSink] = (),
     ) -> None:
+        """`sinks`: where the metrics go besides `metrics.jsonl` (the main process's; the others log nothing)."""
         self.device = config.device
         self.model = model.to(self.device)  # the same parameters: optimizers built before still hold them
         self.task = task
@@ -198,7 +210,7 @@ class Engine:
         self.checkpoint_path = Path(config.out_dir) / CHECKPOINT
         if self.context.is_main:
             Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        self.log = MetricsLog(Path(config.out_dir) / METRICS, self.context.is_main)
+        self.sinks: list[MetricsSink] = [MetricsLog(Path(config.out_dir) / METRICS, self.context.is_main), *sinks]
         self.epoch = 0
         self.batches_done = 0  # batches of `epoch` already trained
         self.step = 0
@@ -207,7 +219,7 @@ class Engine:
         self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
         self._pending_rng: dict[str, Any] | None = None
         self._stop_signal: int | None = None
-        self._bar: tqdm | None = None
+        self.progress = EpochProgress(config.epochs, show=self.context.is_main, bars=config.progress)
         self._loader_seed = train_loader.generator.initial_seed() if train_loader.generator is not None else 0
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.metrics = StepMetrics(self.device)
@@ -224,10 +236,11 @@ class Engine:
 
     def save(self, in_step: bool = True) -> None:
         """Write the checkpoint. `in_step`: every rank saves at this step together, so the checkpoint keeps each
-        rank's RNGs (each draws its own dropout and augmentation) and the ranks wait for it to be whole; a save
-        on a signal, which each rank sees at its own step, keeps rank 0's alone."""
+        rank's RNGs and task state (each draws its own dropout, augmentation and gates) and the ranks wait for it
+        to be whole; a save on a signal, which each rank sees at its own step, keeps rank 0's alone."""
         self._log_interval()  # a checkpoint's step closes a log interval, and nothing non-finite may be saved
-        rngs = gather_objects(self.context, rng_state(self.device)) if in_step else [rng_state(self.device)]
+        own = {"rng": rng_state(self.device), "task": self.task.state_dict()}  # a rank's own draws (e.g. its gates)
+        ranks = gather_objects(self.context, own) if in_step else [own]
         if not self.context.is_main:
             if in_step:
                 barrier(self.context)  # a restarted group resumes from this checkpoint only once it is whole
@@ -241,10 +254,11 @@ class Engine:
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "rng": rngs[0],
-            "rng_by_rank": rngs if len(rngs) == self.context.world_size else None,
+            "rng": own["rng"],
+            "rng_by_rank": [r["rng"] for r in ranks] if len(ranks) == self.context.world_size else None,
+            "task_by_rank": [r["task"] for r in ranks] if len(ranks) == self.context.world_size else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "task": self.task.state_dict(),
+            "task": own["task"],
         }
         save_checkpoint(self.checkpoint_path, self.model.state_dict(), state)
         if in_step:
@@ -269,17 +283,14 @@ class Engine:
                 optimizer.load_state_dict(state["optimizers"][name])
             for name, scheduler in self.schedulers.items():
                 scheduler.load_state_dict(state["schedulers"][name])
-            self.task.load_state_dict(state["task"])
+            self.task.load_state_dict(self._own_rank_state(state, "task"))
             if self.scaler and state.get("scaler"):  # absent when the run trained without fp16 so far
                 self.scaler.load_state_dict(state["scaler"])
             if self.ema:
                 self.ema.load_state_dict(state["ema"])
             self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
             self.best, self.finished = state["best"], bool(state["finished"])
-            # Applied once the resumed epoch's batches are laid out. Each rank takes its own where the group has
-            # the checkpoint's size (a checkpoint of another world size, or of before per-rank RNGs: rank 0's).
-            by_rank = state.get("rng_by_rank") or [state["rng"]]
-            self._pending_rng = by_rank[self.context.rank] if len(by_rank) == self.context.world_size else state["rng"]
+            self._pending_rng = self._own_rank_state(state, "rng")  # applied once the epoch's batches are laid out
         except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, ValueError) as e:
             # e.g. a checkpoint copied over from a run of another model: load_state_dict lists the keys
             detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
@@ -288,7 +299,8 @@ class Engine:
                 f"{self.checkpoint_path} does not fit this run (another model or other settings?): "
                 f"{type(e).__name__}: {detail}"
             ) from None
-        self.log.truncate_after(self.step)
+        for sink in self.sinks:
+            sink.truncate_after(self.step)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -345,7 +357,8 @@ class Engine:
                 self.task.save_model(self.eval_model, "last")
                 if improved:
                     self.task.save_model(self.eval_model, "best")
-        self.log.write(record)
+        self._write(record)
+        self.progress.end_epoch(record)
         return metrics
 
     def _train_epoch(self) -> None:
@@ -358,17 +371,7 @@ class Engine:
         iterator = iter(batches)
         if self._pending_rng is not None:
             self._restore_rng()
-        total = len(self.train_loader)
-        bar = tqdm(
-            iterator,
-            total=total,
-            initial=self.batches_done,
-            desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
-            disable=not (self.config.progress and self.context.is_main),
-            leave=False,
-        )
-        self._bar = bar
-        for batch in bar:
+        for batch in self.progress.epoch(iterator, self.epoch, len(self.train_loader), self.batches_done):
             self.train_step(batch)
             self.batches_done += 1
             if self._stop_signal is not None:
@@ -382,7 +385,6 @@ class Engine:
             elif self.step % self.config.log_every == 0:
                 self._log_interval()
         self._log_interval()  # the epoch's last steps, checked before the epoch's model is evaluated and saved
-        self._bar = None
 
     def _log_interval(self) -> None:
         """Read the steps since the last log point from the device (one transfer), raise if a loss was not finite,
@@ -396,9 +398,12 @@ class Engine:
                 f"loss is {record.get('loss', float('nan'))} at step {first_non_finite} (epoch {self.epoch + 1}); "
                 f"the last checkpoint is intact: lower the learning rate and resume or restart"
             )
-        self.log.write({"step": self.step, "epoch": self.epoch, **record})
-        if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(record.items())[:4]})
+        self._write({"step": self.step, "epoch": self.epoch, **record})
+        self.progress.interval(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
 
     def _restore_rng(self) -> None:
         set_rng_state(self._pending_rng, self.device)
@@ -436,6 +441,12 @@ class Engine:
         self.task.after_step(metrics)
         self.metrics.add(self.step, loss, metrics)
         return metrics
+
+    def _own_rank_state(self, state: dict[str, Any], name: str) -> Any:
+        """This rank's `name` ("rng" or "task") in a checkpoint: its own where the group has the checkpoint's size;
+        rank 0's for a checkpoint of another world size or of before per-rank states."""
+        by_rank = state.get(f"{name}_by_rank") or [state[name]]
+        return by_rank[self.context.rank] if len(by_rank) == self.context.world_size else state[name]
 
     def _epoch_batches(self) -> DataLoader:
         """This epoch's loader, starting after the batches a resumed run already trained."""

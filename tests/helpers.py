@@ -1,10 +1,15 @@
-"""Helpers shared by the tests: tiny model settings, weight randomisation, random architectures, export parity and
-fvcore counts."""
+"""Helpers shared by the tests: tiny model settings, weight randomisation, random architectures, export parity,
+fvcore counts and elastic torchrun runs."""
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -144,3 +149,47 @@ def fvcore_macs(model: torch.nn.Module, img_size: int) -> dict[str, int]:
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return dict(analysis.by_operator())
+
+
+def elastic_torchrun(*cli_args: str) -> list[str]:
+    """`spvit CLI_ARGS` as 2 local processes that torchrun's elastic agent restarts once when one of them dies."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    return [str(torchrun), "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "spvit_search.cli",
+            *cli_args]  # fmt: skip
+
+
+def run_killing_a_rank(command: list[str], checkpoint: Path, env: dict[str, str], rank: int = 1) -> str:
+    """Run an `elastic_torchrun` command, SIGKILL its worker of `rank` as soon as `checkpoint` exists (mid-epoch when
+    checkpoints come every few steps), and wait for the run to end; asserts that the agent restarted the group and
+    the run succeeded, and returns the agent's stderr."""
+    agent = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        worker = _worker_of_rank(agent, rank)
+        deadline = time.time() + 300
+        while not checkpoint.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(worker, signal.SIGKILL)
+        stderr = agent.communicate(timeout=600)[1]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, stderr[-3000:]
+    assert f"failed (exitcode: -9) local_rank: {rank}" in stderr, stderr[-2000:]  # and the group went on
+    return stderr
+
+
+def _worker_of_rank(agent: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The pid of the torchrun agent's worker of `rank` (read from the workers' environments)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for task in Path(f"/proc/{agent.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in environ:
+                    return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank}")
