@@ -7,10 +7,11 @@ over-budget candidate is pruned at once and costs nothing.
 
 The study lives in a storage (a JournalStorage file by default, `OUT/study.journal`, or a database URL:
 `postgresql://...` for workers on many machines, `sqlite:///...`) that several processes can work on at once;
-`--trials` is the study's total of finished (complete or pruned) trials, so a killed study continues where it
-stopped: rerun the command. In a database, each running trial beats a heartbeat: a worker that dies mid-trial
-is found out by the others after the grace period, its trial marked FAIL and retried once. The study records the
-settings it was created with; a worker with other settings is refused instead of mixing its trials in.
+`--trials` is the study's total of finished (complete or pruned) trials, however many workers share it
+(`TrialQuota`), so a killed study continues where it stopped: rerun the command. In a database, each running
+trial beats a heartbeat: a worker that dies mid-trial is found out by the others after the grace period, its trial
+marked FAIL and retried once. The study records the settings it was created with; a worker with other settings is
+refused instead of mixing its trials in.
 A run directory (kind `optuna`) holds `config.json`, `lut.csv`, `supernet.safetensors` (so `spvit export --run` works),
 `trials.csv`, `pareto.json`, the best `arch.json` and `summary.json`.
 """
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +32,6 @@ import optuna
 import pandas as pd
 import torch
 from optuna.storages import RetryFailedTrialCallback
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from torch import nn
 from torch.utils.data import DataLoader
@@ -184,12 +185,12 @@ def _study_run(run: Run) -> dict[str, Any]:
     train_loader, val_loader = build_loaders(config, train_set, val_set, config.seed, pin_memory=pin_memory(run.device))
     evaluator = SharedWeightEvaluator(net.to(run.device), val_loader, train_loader, config)
     study, storage = _study(config, run.out_dir)
-    _fail_orphaned_trials(study, storage)
-    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    if finished < config.trials:
+    quota = TrialQuota(study, storage, config.trials, config.heartbeat)
+    if quota.wait_for_places():
         study.optimize(
-            _objective(space, lut, metric, target, evaluator, study, config),
-            callbacks=[MaxTrialsCallback(config.trials, states=FINISHED)],
+            _objective(space, lut, metric, target, evaluator, study, quota, config),
+            callbacks=[quota],
+            catch=(SurplusTrial,),
             show_progress_bar=False,
         )
     return run.finish(write_outputs(study, space, lut, target, net, run.out_dir, metric))
@@ -202,6 +203,7 @@ def _objective(
     target: float,
     evaluator: SharedWeightEvaluator,
     study: optuna.Study,
+    quota: TrialQuota,
     config: OptunaConfig,
 ):
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -209,6 +211,7 @@ def _objective(
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr("worker", worker)
+        quota.check(trial)
         arch = space.suggest(trial)
         macs, cost = lut.flops(arch), metric.of(arch)
         trial.set_user_attr("macs", macs)
@@ -226,6 +229,61 @@ def _objective(
         return (accuracy, float(cost)) if multi else accuracy
 
     return objective
+
+
+class SurplusTrial(Exception):
+    """A trial started beyond the study's `--trials` (by workers asking at the same moment): failed, not run."""
+
+
+class TrialQuota:
+    """Exactly `trials` finished trials in a study, however many workers share it.
+
+    A trial running on another worker holds a place: a worker with no place left waits until it finishes, or until
+    it is found dead and failed (by the heartbeat in a database, by its pid on this machine) and its retry takes
+    the place. Optuna's own `MaxTrialsCallback` counts finished trials alone: the last worker stopped at once and
+    left a dead worker's trial running forever, while workers that were still running added trials beyond the
+    total. It is the study's callback after every trial.
+    """
+
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, trials: int, heartbeat: int) -> None:
+        self.study = study
+        self.storage = storage
+        self.trials = trials
+        self.heartbeat = isinstance(storage, optuna.storages.RDBStorage)  # a journal file beats none
+        self.poll_seconds = heartbeat / 2 if self.heartbeat else 1.0
+        self.host = socket.gethostname()
+
+    def wait_for_places(self) -> int:
+        """The number of trials the study may still start, once it is known: 0 when it is done."""
+        while True:
+            if self.heartbeat:
+                optuna.storages.fail_stale_trials(self.study)  # and retried once
+            else:
+                _fail_orphaned_trials(self.study, self.storage)  # those of this machine's workers
+            trials = self.study.get_trials(deepcopy=False)
+            finished = sum(t.state in FINISHED for t in trials)
+            if finished >= self.trials:
+                return 0
+            held = sum(t.state == TrialState.RUNNING and self._known_alive(t) for t in trials)
+            if finished + held < self.trials:
+                return self.trials - finished - held
+            time.sleep(self.poll_seconds)
+
+    def _known_alive(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether a running trial's worker would be found out if it died: a trial of another machine in a journal
+        file beats no heartbeat, and waiting for it could wait forever."""
+        return self.heartbeat or str(trial.user_attrs.get("worker", "")).rpartition(":")[0] == self.host
+
+    def check(self, trial: optuna.Trial) -> None:
+        """Raise `SurplusTrial` when the trials before `trial` (by number) already fill the study."""
+        ahead = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        if sum(t.number < trial.number for t in ahead) >= self.trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number} is beyond the study's {self.trials} trials")
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not self.wait_for_places():
+            study.stop()
 
 
 def _known_accuracy(study: optuna.Study, params: dict[str, Any]) -> float | None:

@@ -100,8 +100,9 @@ def test_two_processes_share_one_study_without_duplicates(dense_checkpoint, tmp_
     numbers = [t.number for t in trials]
     assert numbers == list(range(len(trials)))  # every trial exactly once
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert 32 <= len(finished) <= 33  # each worker checks the total after its own trial
-    assert len(finished) == len(trials)  # none lost half-way
+    assert len(finished) == 32  # a running trial of the other worker holds its place
+    # None lost half-way; a trial started beyond the total by two workers asking at once is failed unrun.
+    assert all(t in finished or t.user_attrs.get("surplus") for t in trials)
     assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} == {str(w.pid) for w in workers}
 
 
