@@ -56,7 +56,7 @@ from reports.plots import mean_accuracy_vs_macs, png_bytes
 from spvit_search.data import build_dataset, build_loader, num_classes_of
 from spvit_search.demo import DemoConfig, train_dense_model
 from spvit_search.discrete_spaces import unit_ranking
-from spvit_search.export import export_subnet, load_search_supernet, save_subnet
+from spvit_search.export import Lineage, export_subnet, load_search_supernet, save_subnet
 from spvit_search.finetuning import FinetuneConfig, run_finetune
 from spvit_search.optuna_search import OptunaConfig, run_optuna
 from spvit_search.projection import project_to_budget
@@ -191,7 +191,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                epochs: int = total_epochs, init: str = "subnet", imitation: bool = False) -> None:  # fmt: skip
         subnet_dir = out / "subnets" / name
         before = one_shot_metrics(source_net, arch, val_loader)["acc1"]
-        save_subnet(export_subnet(source_net, arch), subnet_dir, source=source)
+        save_subnet(export_subnet(source_net, arch), subnet_dir, Lineage(source))
         started = time.perf_counter()
         summary = finetune(subnet_dir, out / "finetune" / name, args.data, epochs, seed, init, imitation)
         priced = luts[arch.skip_mixer]

@@ -173,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a searched architecture as a plain PyTorch model",
         description="Build the plain subnet of a search run's architecture (no gates: standard attention, real "
-        "convolutions for bconv blocks, MLPs cut to their kept units) and write arch.json, config.json and "
-        "model.safetensors into --out. Load it with spvit_search.export.load_subnet(DIR), or with "
-        "timm.create_model('spvit_subnet', subnet_dir=DIR) after `import spvit_search.export`.",
+        "convolutions for bconv blocks, MLPs cut to their kept units) into --out, a timm model folder: "
+        "model.safetensors, config.json, arch.json and a model card (README.md) with the search run's figures. "
+        "Load it with spvit_search.load_subnet(DIR), or with timm.create_model('local-dir:DIR') after "
+        "`import spvit_search`; uploaded to the Hugging Face Hub, with timm.create_model('hf-hub:user/name').",
     )
     add_settings(export, ExportConfig)
 
@@ -310,15 +311,8 @@ def run_export(args: argparse.Namespace) -> None:
     from lookup_tables import LookupTable
     from supernets import MIXERS, Architecture
 
-    from .export import (
-        check_onnx_exporter,
-        export_onnx,
-        export_subnet,
-        load_search_supernet,
-        round_mlp,
-        save_subnet,
-        subnet_source,
-    )
+    from .export import check_onnx_exporter, export_onnx, export_subnet, load_search_supernet, round_mlp
+    from .model_card import save_search_subnet
 
     config = settings_from_args(ExportConfig, args)
     if config.onnx:
@@ -346,7 +340,8 @@ def run_export(args: argparse.Namespace) -> None:
         net.set_skip_mixer(config.skip_mixer)
         arch = dataclasses.replace(arch, skip_mixer=config.skip_mixer)
     subnet = export_subnet(net, arch, fold_bn=config.fold_bn)
-    save_subnet(subnet, out, source=subnet_source(run, arch))
+    for warning in save_search_subnet(subnet, out, run, lut, net.dense_architecture()):
+        print(f"spvit: warning: {warning}", file=sys.stderr)
     params = sum(p.numel() for p in subnet.parameters())
     mixers = ", ".join(f"{arch.mixers.count(m)} {m}" for m in MIXERS)
     print(
@@ -354,7 +349,7 @@ def run_export(args: argparse.Namespace) -> None:
         f"'{lut.convention}' convention), {params / 1e6:.3f} M params{' (BN folded)' if config.fold_bn else ''}; "
         f"blocks: {mixers}"
     )
-    print(f"wrote {out}/arch.json, config.json and model.safetensors")
+    print(f"wrote {out}/model.safetensors, config.json, arch.json and README.md")
     if config.onnx:
         difference = export_onnx(subnet, out / "model.onnx")
         if difference is None:

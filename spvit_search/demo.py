@@ -29,8 +29,9 @@ from supernets.io import atomic_write_bytes, atomic_write_text
 
 from .data import build_dataset, build_loader, num_classes_of
 from .evaluation import describe_model
-from .export import export_subnet, load_search_supernet, load_subnet, save_subnet, subnet_source
+from .export import export_subnet, load_search_supernet, load_subnet
 from .finetuning import FinetuneConfig, run_finetune
+from .model_card import save_search_subnet
 from .runs import DeviceSettings, RunSettings
 from .search import SearchConfig, run_search
 from .settings import inherit
@@ -101,7 +102,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _step(4, "export")
     searched = load_search_supernet(out / "search" / "supernet.safetensors")
     subnet = export_subnet(searched, Architecture.load(out / "search" / "arch.json"))
-    save_subnet(subnet, out / "subnet", source=subnet_source(out / "search", subnet.arch))
+    for warning in save_search_subnet(subnet, out / "subnet", out / "search", lut, searched.dense_architecture()):
+        print(f"   warning: {warning}")
     print(f"   {out / 'subnet'}: {', '.join(f'{subnet.arch.mixers.count(m)} {m}' for m in MIXERS)}")
 
     _step(5, "fine-tune with soft distillation from the dense model")

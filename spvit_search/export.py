@@ -6,12 +6,16 @@ v; bconv blocks get the conv weight, its bias and the projection mixed from v, p
 (`UnifiedAttention.plain_state`); MLPs keep only their kept units' rows of fc1 and columns of fc2
 (`UnifiedMlp.pruned_state`). The family computes the whole state (`Family.subnet_state_dict`: a family folds
 what it adds, such as layer scales, and keeps the part of the stem its chosen width uses).
-A subnet directory holds `arch.json`, `config.json` and `model.safetensors`; `load_subnet` rebuilds
-the modules from the first two (`family` in the config names the subnet class) and loads the tensors, with
-no supernet and no pickle.
 
-`timm.create_model("spvit_subnet", subnet_dir=DIR)` loads such a directory too, once this module has
-been imported (importing registers the name).
+A subnet directory is a timm model folder: `model.safetensors`, and a `config.json` whose `architecture` is our
+entry point `spvit_subnet`, whose `model_args` hold the `Architecture` (as JSON) and `Subnet.config()` (`family`
+naming the subnet class), whose `pretrained_cfg` holds timm's preprocessing, and whose `spvit` key the format and
+the subnet's `Lineage`; `arch.json` repeats the architecture. `load_subnet` rebuilds the modules from that data and
+loads the tensors, with no supernet and no pickle; so do `timm.create_model("local-dir:DIR")`,
+`timm.create_model("hf-hub:user/name")` once the folder is uploaded to the Hugging Face Hub, and
+`timm.create_model("spvit_subnet", subnet_dir=DIR)`, once this module has been imported (`import spvit_search`
+registers the name). Directories of format 1 (all of `Subnet.config()` and `source` at config.json's top level, the
+architecture in arch.json alone) still load with `load_subnet` and `subnet_dir=`.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import importlib.util
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save
-from timm.models import register_model
+from timm.models import PretrainedCfg, load_state_dict_from_hf, register_model
 from torch import nn
 
 from finetune.checkpoint import load_checkpoint
@@ -37,6 +42,8 @@ from supernets.family import family_named, family_of, family_of_model
 from supernets.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
+    "Lineage",
+    "SubnetConfig",
     "check_onnx_exporter",
     "dense_subnet",
     "export_onnx",
@@ -44,8 +51,10 @@ __all__ = [
     "load_search_supernet",
     "load_subnet",
     "read_released_architectures",
-    "round_mlp",
+    "read_subnet_config",
+    "read_subnet_lineage",
     "read_subnet_source",
+    "round_mlp",
     "save_subnet",
     "subnet_source",
     "subnet_state_dict",
@@ -56,8 +65,13 @@ ARCH = "arch.json"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "spvit-search subnet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: no timm folder; Subnet.config() and `source` at config.json's top level
 TIMM_NAME = "spvit_subnet"
+LINEAGE_KEY = "spvit"  # config.json's key of what timm does not read: the format and the lineage
+SEARCH_TARGET_UNITS = ("macs", "latency_ms")
+_MODEL_ARGS = ("arch", "model_kwargs", "fold_bn")  # and `family`, where the family names itself
+# timm's preprocessing settings that a folder's pretrained_cfg carries besides the input size
+_PREPROCESSING = ("interpolation", "crop_pct", "crop_mode", "mean", "std")
 _RELEASED_FIELDS = ("model", "mixers", "mlp_hidden", "mlp_kept")
 _SOURCE_FIELDS = ("model", "pretrained", "checkpoint", "img_size", "num_classes", "model_kwargs")
 _SUPERNET_FIELDS = {"model": str, "img_size": int, "num_classes": int, "model_kwargs": dict, "gates": dict}
@@ -136,46 +150,137 @@ def _assign_weights(subnet: Subnet, state: dict[str, torch.Tensor]) -> None:
 # -- save and load ----------------------------------------------------------------------------------
 
 
-def save_subnet(model: Subnet, directory: str | os.PathLike, source: dict[str, Any] | None = None) -> None:
-    """Write `arch.json`, `config.json` and `model.safetensors` into `directory`, each file atomically.
+@dataclass(frozen=True)
+class Lineage:
+    """Where a subnet comes from, as its config.json records it under `spvit` (format 1 recorded `source` alone).
 
-    `source` records the dense model the subnet was searched from (`subnet_source`), for fine-tuning.
+    `source` is the dense model it was searched from, as the arguments that rebuild it with its weights
+    (`subnet_source`); `search_run` and `finetune_run` are the run directories that made it (absolute paths when
+    they were written); `search_target` is the search's budget, `{"macs": N}` or `{"latency_ms": T}`.
+    """
+
+    source: dict[str, Any] | None = None
+    search_run: str | None = None
+    search_target: dict[str, float] | None = None
+    finetune_run: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str) -> Lineage:
+        """From parsed JSON, checking every field; a `ValueError` names the bad one after `prefix`."""
+        check_fields(prefix, data, (), optional=[f.name for f in dataclasses.fields(cls)])
+        source, target = data.get("source"), data.get("search_target")
+        if source is not None:
+            check_type(f"{prefix}source", source, dict)
+            check_fields(f"{prefix}source.", source, _SOURCE_FIELDS)
+            check_type(f"{prefix}source.model_kwargs", source["model_kwargs"], dict)
+        for name in ("search_run", "finetune_run"):
+            if data.get(name) is not None:
+                check_type(f"{prefix}{name}", data[name], str)
+        if target is not None:
+            check_type(f"{prefix}search_target", target, dict)
+            check_fields(f"{prefix}search_target.", target, (), optional=SEARCH_TARGET_UNITS)
+            for unit, value in target.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"{prefix}search_target.{unit}: expected a number, got {value!r:.40}")
+        return cls(source, data.get("search_run"), target, data.get("finetune_run"))
+
+
+@dataclass(frozen=True)
+class SubnetConfig:
+    """A subnet directory's config.json, read: what rebuilds its modules with the architecture (`Subnet.config()`:
+    family, model_kwargs, fold_bn), the architecture (None in format 1, which keeps it in arch.json alone) and the
+    lineage."""
+
+    modules: dict[str, Any]
+    arch: Architecture | None
+    lineage: Lineage
+
+
+def save_subnet(model: Subnet, directory: str | os.PathLike, lineage: Lineage | None = None) -> None:
+    """Write `model.safetensors`, `config.json` and `arch.json` into `directory`, each file atomically.
+
+    config.json is a timm model folder's: `architecture` names our entry point, `model_args` hold the architecture
+    and `Subnet.config()`, `pretrained_cfg` timm's preprocessing at the subnet's fixed input size, and `spvit` the
+    format and the `lineage` (for fine-tuning, which distils from the dense source). arch.json repeats the
+    architecture for the tools that read architectures.
     """
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS, save(tensors, metadata={"format": FORMAT}))
-    config = {"format": FORMAT, "version": FORMAT_VERSION, **model.config()}
-    if source is not None:
-        config["source"] = source
-    atomic_write_text(directory / CONFIG, json.dumps(config, indent=2) + "\n")
+    config = {
+        "architecture": TIMM_NAME,
+        "num_classes": model.arch.num_classes,
+        "num_features": model.head.in_features,  # what the classifier reads, in every family; timm only notes it
+        "pretrained_cfg": _pretrained_cfg(model),
+        "model_args": {"arch": model.arch.to_dict(), **model.config()},
+        LINEAGE_KEY: {"format": FORMAT, "version": FORMAT_VERSION, **(lineage or Lineage()).to_dict()},
+    }
+    atomic_write_text(directory / CONFIG, _json_text(config) + "\n")
     model.arch.save(directory / ARCH)
 
 
 def load_subnet(directory: str | os.PathLike) -> Subnet:
-    """The subnet saved in `directory`, in eval mode on the CPU; no supernet and no pickle involved.
+    """The subnet saved in `directory` (either format), in eval mode on the CPU; no supernet and no pickle involved.
 
-    Raises `ValueError` naming the block and field when `arch.json` does not describe the saved weights.
+    The architecture is arch.json's, which must then be the one config.json holds; without arch.json, config.json's.
+    Raises `ValueError` naming the file and field when they do not describe the saved weights or each other.
     """
     directory = Path(directory)
-    for name in (ARCH, CONFIG, WEIGHTS):
+    for name in (CONFIG, WEIGHTS):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"not a subnet directory: {directory / name} is missing")
-    config = _read_config(directory / CONFIG)
-    arch = Architecture.load(directory / ARCH)
+    config = read_subnet_config(directory / CONFIG)
+    if config.arch is None and not (directory / ARCH).is_file():
+        raise FileNotFoundError(f"not a subnet directory: {directory / ARCH} is missing")
     state = load_state_dict_file(directory / WEIGHTS)  # safetensors: tensors only
+    if not (directory / ARCH).is_file():
+        return _build_subnet(config.modules, config.arch, state, directory, (f"{CONFIG} model_args.arch", CONFIG))
+    arch = Architecture.load(directory / ARCH)
+    model = _build_subnet(config.modules, arch, state, directory, (ARCH, CONFIG))
+    if config.arch not in (None, arch):
+        raise ValueError(
+            f"{directory}: {ARCH} and {CONFIG}'s model_args.arch are different architectures (timm reads the second); "
+            "save the subnet again"
+        )
+    return model
+
+
+def read_subnet_config(path: str | os.PathLike) -> SubnetConfig:
+    """A subnet's config.json of either format, checked field by field: a `ValueError` names the file and field."""
+    path = Path(path)
     try:
-        with torch.device("meta"):
-            model = _subnet_class(config).from_config(config, arch)
-    except ValueError as e:  # e.g. an arch.json with more blocks than its model has
-        raise ValueError(f"{directory}: {e}") from None
-    _check_weights_fit(model, state, directory)
-    _assign_weights(model, state)
-    return model.eval()
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        if isinstance(config, dict) and isinstance(config.get(LINEAGE_KEY), dict):
+            return _timm_folder_config(config)
+        if isinstance(config, dict) and config.get("format") == FORMAT:
+            return _format_1_config(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    raise ValueError(
+        f"{path} is not an spvit-search subnet config (a timm model folder's with an '{LINEAGE_KEY}' key, or format "
+        f"'{FORMAT}')"
+    )
+
+
+def read_subnet_lineage(directory: str | os.PathLike) -> Lineage:
+    """Where the subnet saved in `directory` comes from, as its config records it."""
+    return read_subnet_config(Path(directory) / CONFIG).lineage
+
+
+def read_subnet_source(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The dense source model recorded in a subnet directory's config, or None if it records none."""
+    return read_subnet_lineage(directory).source
 
 
 def subnet_source(run: str | os.PathLike, arch: Architecture) -> dict[str, Any] | None:
-    """The dense model behind a search run's subnet, from the run's `config.json`, as the arguments that
-    rebuild it with its weights; None when the run's config cannot be read."""
+    """The dense model behind a search run's subnet, from the run's `config.json`, as the arguments that rebuild it
+    with its weights; None when the run's config cannot be read."""
     try:
         config = json.loads((Path(run) / CONFIG).read_text(encoding="utf-8"))
         checkpoint = config["checkpoint"]
@@ -191,48 +296,82 @@ def subnet_source(run: str | os.PathLike, arch: Architecture) -> dict[str, Any] 
         return None
 
 
-def read_subnet_source(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The dense source model recorded in a subnet directory's config, or None if it records none."""
-    path = Path(directory) / CONFIG
+def _pretrained_cfg(model: Subnet) -> dict[str, Any]:
+    """timm's pretrained_cfg of the folder: the source model's preprocessing (timm's defaults for what it does not
+    record) at the subnet's fixed input size. Nothing that locates weights: timm adds that as it loads the folder."""
+    defaults = dataclasses.asdict(PretrainedCfg())
+    preprocessing = {}
+    for name in _PREPROCESSING:
+        recorded = model.pretrained_cfg.get(name)
+        preprocessing[name] = defaults[name] if recorded is None else recorded
+    return {
+        "input_size": (model.in_chans, model.arch.img_size, model.arch.img_size),
+        "fixed_input_size": True,  # the conv candidates work on one token grid
+        **preprocessing,
+        "num_classes": model.arch.num_classes,
+    }
+
+
+def _timm_folder_config(config: dict[str, Any]) -> SubnetConfig:
+    lineage = config[LINEAGE_KEY]
+    if lineage.get("format") != FORMAT:
+        raise ValueError(f"{LINEAGE_KEY}.format: expected '{FORMAT}', got {lineage.get('format')!r:.40}")
+    if lineage.get("version") != FORMAT_VERSION:
+        raise ValueError(f"subnet format version {lineage.get('version')!r:.40} is not {FORMAT_VERSION}")
+    if config.get("architecture") != TIMM_NAME:
+        raise ValueError(
+            f"architecture: expected '{TIMM_NAME}', the timm entry point, got {config.get('architecture')!r:.40}"
+        )
+    modules, arch = _parse_model_args(config.get("model_args"))
+    lineage = {k: v for k, v in lineage.items() if k not in ("format", "version")}
+    return SubnetConfig(modules, arch, Lineage.from_dict(lineage, f"{LINEAGE_KEY}."))
+
+
+def _format_1_config(config: dict[str, Any]) -> SubnetConfig:
+    """Format 1: `format`, `version`, `Subnet.config()` and `source` at the top level, the architecture in arch.json."""
+    if config.get("version") != 1:
+        raise ValueError(f"subnet format version {config.get('version')!r:.40} is not 1")
+    modules = {k: v for k, v in config.items() if k not in ("format", "version", "source")}
+    return SubnetConfig(modules, None, Lineage.from_dict({"source": config.get("source")}, ""))
+
+
+def _parse_model_args(args: Any) -> tuple[dict[str, Any], Architecture]:
+    """(`Subnet.config()`, architecture) from timm's `model_args`: that config with the architecture's JSON form."""
+    check_type("model_args", args, dict)
+    check_fields("model_args.", args, _MODEL_ARGS, optional=("family",))
     try:
-        source = json.loads(path.read_text(encoding="utf-8")).get("source")
-    except (OSError, ValueError, AttributeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
-    if source is None:
-        return None
-    check_type("source", source, dict)
-    check_fields("source.", source, _SOURCE_FIELDS)
-    check_type("source.model_kwargs", source["model_kwargs"], dict)
-    return source
+        arch = Architecture.from_dict(args["arch"])
+    except ValueError as e:
+        raise ValueError(f"model_args.arch: {e}") from None
+    return {k: v for k, v in args.items() if k != "arch"}, arch
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _build_subnet(
+    modules: dict[str, Any], arch: Architecture, state: dict[str, torch.Tensor], where: Any, names: tuple[str, str]
+) -> Subnet:
+    """The subnet of `arch` and `modules` (`Subnet.config()`) holding `state`, in eval mode. Errors start with `where`
+    (the folder) and name the files (or arguments) `names` the architecture and the config came from."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an spvit-search subnet config (format '{FORMAT}')")
-    if config.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: subnet format version {config.get('version')} is not {FORMAT_VERSION}")
-    return {k: v for k, v in config.items() if k not in ("format", "version", "source")}
+        with torch.device("meta"):
+            model = family_named(modules.get("family")).subnet_class.from_config(modules, arch)
+    except ValueError as e:  # e.g. an architecture with more blocks than its model has
+        raise ValueError(f"{where}: {e}") from None
+    _check_weights_fit(model, state, where, names)
+    _assign_weights(model, state)
+    return model.eval()
 
 
-def _subnet_class(config: dict[str, Any]) -> type[Subnet]:
-    """The subnet class of the family a config names (ViT's names none)."""
-    return family_named(config.get("family")).subnet_class
-
-
-def _check_weights_fit(model: Subnet, state: dict[str, torch.Tensor], directory: Path) -> None:
-    """Raise a `ValueError` naming the first field of arch.json (or config.json) the weights contradict."""
+def _check_weights_fit(model: Subnet, state: dict[str, torch.Tensor], where: Any, names: tuple[str, str]) -> None:
+    """Raise a `ValueError` naming the first field of the architecture (or config) the weights contradict."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected == found:
         return
-    prefix = f"{directory}: {ARCH} does not match {WEIGHTS}"
+    arch_name, config_name = names
+    prefix = f"{where}: {arch_name} does not match {WEIGHTS}"
     saved_depth = len({m.group(1) for m in map(_BLOCK_KEY.match, found) if m})
     if saved_depth != model.arch.depth:
-        raise ValueError(f"{prefix}: blocks: {ARCH} has {model.arch.depth} blocks, the weights {saved_depth}")
+        raise ValueError(f"{prefix}: blocks: {arch_name} has {model.arch.depth} blocks, the weights {saved_depth}")
     for i, choice in enumerate(model.arch.blocks):
         mixer, width = _saved_block(found, i)
         if mixer != choice.mixer:
@@ -244,8 +383,8 @@ def _check_weights_fit(model: Subnet, state: dict[str, torch.Tensor], directory:
     differences = sorted(set(expected) ^ set(found)) + [k for k in expected if k in found and expected[k] != found[k]]
     details = [f"{k} {found.get(k, 'missing')} vs {expected.get(k, 'unexpected')}" for k in differences[:4]]
     raise ValueError(
-        f"{directory}: {WEIGHTS} does not fit {ARCH} and {CONFIG} (img_size, num_classes, model_kwargs or fold_bn): "
-        + "; ".join(details)
+        f"{where}: {WEIGHTS} does not fit {arch_name} and {config_name} (img_size, num_classes, model_kwargs or "
+        "fold_bn): " + "; ".join(details)
     )
 
 
@@ -261,22 +400,58 @@ def _saved_block(shapes: dict[str, tuple[int, ...]], i: int) -> tuple[str, int |
     return mixer, None if fc1 is None else fc1[0]
 
 
+def _json_text(value: Any, indent: str = "") -> str:
+    """`value` as indented JSON in which a list of numbers stays on one line (an `mlp_kept` of 3,072 indices too),
+    and so does each entry of a list of lists or objects (one architecture block a line)."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = ",\n".join(f"{inner}{json.dumps(k)}: {_json_text(v, inner)}" for k, v in value.items())
+        return "{\n" + items + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        return "[\n" + ",\n".join(inner + json.dumps(v) for v in value) + "\n" + indent + "]"
+    return json.dumps(value)
+
+
 # -- timm -------------------------------------------------------------------------------------------
 
 
 @register_model
 def spvit_subnet(pretrained: bool = False, subnet_dir: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
-    """timm entry point: `timm.create_model("spvit_subnet", subnet_dir=DIR)` is `load_subnet(DIR)`.
+    """timm entry point of saved subnets; `import spvit_search` registers it. Two ways in:
 
-    The weights always come from DIR (a saved subnet is trained by definition), whatever `pretrained` says.
+    - `timm.create_model("local-dir:DIR")` or `timm.create_model("hf-hub:user/name")`: timm reads the folder's
+      config.json and passes its `model_args` (the architecture and `Subnet.config()`) with a `pretrained_cfg` that
+      locates the folder. The subnet is built from the arguments, and its weights are read from the folder's
+      model.safetensors (fetched by timm's Hub helper from the Hub);
+    - `timm.create_model("spvit_subnet", subnet_dir=DIR)` is `load_subnet(DIR)`, for directories of either format.
+
+    The weights always come from the folder (a saved subnet is trained by definition), whatever `pretrained` says.
     """
-    for timm_argument in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    cache_dir = kwargs.pop("cache_dir", None)
+    for timm_argument in ("pretrained_cfg_overlay", "pretrained_model_args"):
         kwargs.pop(timm_argument, None)
-    if subnet_dir is None:
-        raise ValueError(f"{TIMM_NAME} needs subnet_dir=DIR, a directory written by save_subnet or `spvit export`")
-    if kwargs:
-        raise ValueError(f"{TIMM_NAME} takes only subnet_dir; got {', '.join(sorted(kwargs))}")
-    return load_subnet(subnet_dir)
+    if subnet_dir is not None:
+        if kwargs:
+            raise ValueError(f"{TIMM_NAME} takes only subnet_dir; got {', '.join(sorted(kwargs))}")
+        return load_subnet(subnet_dir)
+    folder = pretrained_cfg.get("source") if isinstance(pretrained_cfg, dict) else None
+    if folder == "local-dir":
+        where = Path(pretrained_cfg["file"])
+        state = load_state_dict_file(where / WEIGHTS)
+    elif folder == "hf-hub":
+        where = pretrained_cfg["hf_hub_id"]
+        state = load_state_dict_from_hf(where, filename=WEIGHTS, cache_dir=cache_dir)  # safetensors: tensors only
+    else:
+        raise ValueError(
+            f"{TIMM_NAME} needs subnet_dir=DIR, a directory written by save_subnet or `spvit export`, or such a "
+            "directory as a timm model folder: timm.create_model('local-dir:DIR') or ('hf-hub:user/name')"
+        )
+    try:
+        modules, arch = _parse_model_args(kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return _build_subnet(modules, arch, state, where, ("model_args.arch", "model_args"))
 
 
 # -- architectures ----------------------------------------------------------------------------------

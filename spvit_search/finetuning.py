@@ -1,15 +1,17 @@
 """Fine-tune an exported subnet with knowledge distillation from the dense model (or another teacher).
 
 A run directory (kind `finetune`) holds `config.json`, `metrics.jsonl`, `checkpoint.safetensors` (resume state),
-`best/` and `last/` (subnet directories: `load_subnet` or `spvit eval --subnet` read them), and at the end
+`best/` and `last/` (subnet directories: `load_subnet`, `timm.create_model("local-dir:DIR")` or `spvit eval
+--subnet` read them; their model cards are written with the summary's figures when the run finishes), and at the end
 `arch.json` and `summary.json`.
 
 The teacher is, by default, the dense model the subnet was searched from: `spvit export` records it
-(timm name, weights file and model arguments) in the subnet's `config.json` under `source`.
+(timm name, weights file and model arguments) in the subnet's `config.json`, in its lineage (`spvit.source`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,13 +28,22 @@ from finetune.imitation import ImitationWeights, ModuleImitation
 from finetune.optim import adamw, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables.counting import count_macs
-from reports.run_format import ARCH, FINETUNE
+from reports.run_format import ARCH, BEST, FINETUNE, LAST
 from supernets import GateConfig, Subnet, build_supernet
 from supernets.families.vit.subnet import VisionTransformerSubnet
 from supernets.registry import create_source_model
 
 from .data import TrainDataConfig, build_datasets, build_loaders, num_classes_of
-from .export import dense_subnet, export_subnet, load_subnet, read_subnet_source, save_subnet, with_affine_skips
+from .export import (
+    Lineage,
+    dense_subnet,
+    export_subnet,
+    load_subnet,
+    read_subnet_lineage,
+    save_subnet,
+    with_affine_skips,
+)
+from .model_card import finetune_figures, write_model_card
 from .runs import (
     ComputeSettings,
     DistillationSettings,
@@ -98,7 +109,7 @@ class FinetuneConfig(
 
 class DistillationTask(ClassificationTask):
     """The student's loss against the labels and the teacher's logits, and the module-imitation terms when given;
-    saves best/last as subnet dirs."""
+    saves best/last as subnet dirs, recording `lineage`."""
 
     def __init__(
         self,
@@ -106,12 +117,12 @@ class DistillationTask(ClassificationTask):
         loss: DistillationLoss,
         val_loader: DataLoader,
         out_dir: Path,
-        source: dict[str, Any] | None,
+        lineage: Lineage | None,
         imitation: ModuleImitation | None = None,
     ) -> None:
         super().__init__(val_loader, loss, teacher)
         self.out_dir = out_dir
-        self.source = source
+        self.lineage = lineage
         self.imitation = imitation
 
     def training_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
@@ -122,7 +133,7 @@ class DistillationTask(ClassificationTask):
         return loss + terms["imitation"], metrics | {k: v.detach() for k, v in terms.items()}
 
     def save_model(self, model: nn.Module, name: str) -> None:
-        save_subnet(model, self.out_dir / name, source=self.source)
+        save_subnet(model, self.out_dir / name, self.lineage)
 
 
 def run_finetune(config: FinetuneConfig, resume: bool | str = False) -> dict[str, Any] | None:
@@ -136,7 +147,8 @@ def run_finetune(config: FinetuneConfig, resume: bool | str = False) -> dict[str
 def _finetune(run: Run) -> dict[str, Any] | None:
     config: FinetuneConfig = run.config
     student = load_subnet(config.subnet)
-    source = read_subnet_source(config.subnet)
+    lineage = dataclasses.replace(read_subnet_lineage(config.subnet), finetune_run=str(run.out_dir.resolve()))
+    source = lineage.source
     if config.init == "dense":
         student = _subnet_from_dense(student, source, config.subnet)
     if config.skip_mixer == "affine":
@@ -176,7 +188,7 @@ def _finetune(run: Run) -> dict[str, Any] | None:
     if config.imitation:
         weights = ImitationWeights(config.lambda_out, config.lambda_in, config.lambda_rel)
         imitation = ModuleImitation(student.blocks, teacher.blocks, lambda i: arch.blocks[i].mixer != "msa", weights)
-    task = DistillationTask(teacher, loss, val_loader, run.out_dir, source, imitation)
+    task = DistillationTask(teacher, loss, val_loader, run.out_dir, lineage, imitation)
     engine = Engine(
         student, task, {"weights": optimizer}, {"weights": scheduler}, train_loader,
         EngineConfig(
@@ -184,14 +196,17 @@ def _finetune(run: Run) -> dict[str, Any] | None:
             progress=config.progress, device=run.device, amp=config.amp, compile=config.compile,
             ema_decay=config.model_ema_decay if config.model_ema else None, best_metric="acc1",
         ),
-        run.context,
+        run.context, run.trackers,
     )  # fmt: skip
     if run.resume:
         engine.resume(finished_ok=True)  # check_run_directory refused runs whose outputs are all written
     metrics = engine.fit()
     if not run.context.is_main:
         return None
-    return run.finish(_summary(engine, metrics, teacher_metrics, config, source))
+    summary = _summary(engine, metrics, teacher_metrics, config, source)
+    for name in (BEST, LAST):  # before summary.json, which is written last
+        write_model_card(run.out_dir / name, engine.eval_model, lineage, finetune_figures(summary, name))
+    return run.finish(summary)
 
 
 def build_teacher(config: FinetuneConfig, student: VisionTransformerSubnet, source: dict[str, Any] | None) -> nn.Module:

@@ -3,7 +3,8 @@
 A run's settings are its `config.json`; a run is never overwritten, only resumed (an Optuna study: joined by a run
 with the same settings). `start_run` and `Run` are the steps a gradient search, an Optuna study and a fine-tune
 take alike: devices resolved, run directory checked, process group joined, torch seeded, `config.json` and
-`summary.json` written under the run's kind. File names and kinds are `reports.run_format`'s.
+`summary.json` written under the run's kind, a training run's trackers (`--log`) started and closed. File names
+and kinds are `reports.run_format`'s.
 """
 
 from __future__ import annotations
@@ -29,12 +30,21 @@ from supernets.io import atomic_write_text, remove_stale_temporaries
 
 from .run_lock import RunLock
 from .settings import describe_type, group, matches_type
+from .tracking import (
+    DEFAULT_PROJECT,
+    TRACKERS,
+    Tracker,
+    build_trackers,
+    check_trackers,
+    closing_trackers,
+    write_architecture,
+)
 
 RESUME_MODES: dict[str, bool | str] = {"no": False, "yes": True, "auto": "auto"}  # --resume's values
 
 # May differ on resume: how a run shows, where it lives and computes, not what it computes. A run resumed on another
 # device continues from its checkpoint, but bit-identical resume is promised on the same device and dtype only.
-NOT_SETTINGS = ("progress", "out", "device", "compile", "log_every")
+NOT_SETTINGS = ("progress", "out", "device", "compile", "log_every", "log", "log_project")
 
 
 def parse_model_kwargs(items: list[str] | dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +160,9 @@ class ComputeSettings(DeviceSettings):
 class RunSettings:
     out: str = run_setting(required=True, help="run directory")
     seed: int = run_setting(0, help="seed of the initial weights, the data order and the random draws")
-    progress: bool = run_setting(True, help="progress bars")
+    progress: bool = run_setting(
+        True, help="tqdm bars while training, drawn on a terminal only (each epoch ends in one printed line either way)"
+    )
 
 
 @dataclass(kw_only=True)
@@ -160,6 +172,13 @@ class TrainingRunSettings(RunSettings):
         50, help="optimizer steps between metrics lines and progress updates (the only points the loop waits for "
         "the device)",
     )  # fmt: skip
+    log: list[str] = run_setting(
+        factory=list, choices=TRACKERS, metavar="TRACKER",
+        help="also send the metrics and the final architecture to these trackers, e.g. --log tensorboard wandb: "
+        "tensorboard writes OUT/tensorboard (pip install 'spvit-search[tracking]'); wandb and mlflow need their own "
+        "packages installed",
+    )  # fmt: skip
+    log_project: str = run_setting(DEFAULT_PROJECT, help="the W&B project and MLflow experiment of --log wandb mlflow")
 
 
 class RunConfig:
@@ -258,17 +277,20 @@ class Run:
     context: DistributedContext
     resume: bool
     joined: bool  # the directory held this very study already (joinable runs only)
+    trackers: list[Tracker] = dataclasses.field(default_factory=list)  # --log's, on the main process: engine sinks
 
     def seed_rank(self) -> None:
         """From here on dropout, augmentation and random draws differ per rank (the initial weights did not)."""
         torch.manual_seed(self.config.seed + self.context.rank)
 
     def write_config(self) -> None:
-        """`config.json`, on the main process; called once the settings have proved to work (a budget in range,
-        a dataset that loads), so a refused run leaves no directory behind."""
+        """`config.json`, on the main process, and the trackers started; called once the settings have proved to
+        work (a budget in range, a dataset that loads), so a refused run leaves no directory behind."""
         if self.context.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        for tracker in self.trackers:  # W&B and MLflow start their run here: one that cannot, stops this one
+            tracker.start()
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any] | None:
         """`summary.json` (the run's kind, then `summary`), written last; the summary on the main process, None on
@@ -277,6 +299,7 @@ class Run:
             return None
         summary = {KIND_KEY: self.config.kind, **summary}
         atomic_write_text(self.out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        write_architecture(self.trackers, self.out_dir)
         return summary
 
 
@@ -286,6 +309,9 @@ def start_run(config: RunConfig, resume: bool | str = False, distributed: bool =
     (`distributed`) and torch seeded with its seed (the same initial weights on every rank); the process group
     is left when the run ends, however it ends. `resume`: True, False, or "auto" (True where `--out` holds a
     checkpoint)."""
+    tracked = isinstance(config, TrainingRunSettings)
+    if tracked:
+        check_trackers(config.log)
     config, device = resolve_compute(config)
     out_dir = Path(config.out)
     if resume == "auto":  # what a restarted torchrun group runs: continue where a checkpoint is, start otherwise
@@ -293,10 +319,13 @@ def start_run(config: RunConfig, resume: bool | str = False, distributed: bool =
     context = init_distributed(device) if distributed else DistributedContext()
     # The main process is the run's one writer (an Optuna study's directory is shared by its workers on purpose).
     lock = RunLock(out_dir) if context.is_main and not config.joinable else nullcontext()
+    trackers = []
+    if tracked:
+        trackers = build_trackers(config.log, out_dir, config.log_project, config.to_dict(), context, bool(resume))
     try:
-        with lock:
+        with lock, closing_trackers(trackers):
             joined = check_run_directory(out_dir, config, resume)
             torch.manual_seed(config.seed)
-            yield Run(config, out_dir, device, context, resume, joined)
+            yield Run(config, out_dir, device, context, resume, joined, trackers)
     finally:
         shutdown(context)

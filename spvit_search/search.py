@@ -2,7 +2,7 @@
 
 A run directory (kind `search`) holds `config.json`, `lut.csv`, `metrics.jsonl`, `arch_epoch{N}.json` after every
 epoch, `checkpoint.safetensors` (resume state), and at the end `arch.json`, `supernet.safetensors` and
-`summary.json`.
+`summary.json`; with `--log`, the trackers' files too (`tracking`).
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def _search(run: Run) -> dict[str, Any] | None:
             progress=config.progress, device=run.device, amp=config.amp, compile=config.compile,
             find_unused_parameters=True,  # the candidates a step did not sample get no gradient
         ),
-        run.context,
+        run.context, run.trackers,
     )  # fmt: skip
     if run.resume:
         engine.resume(finished_ok=True)  # check_run_directory refused runs whose outputs are all written

@@ -123,7 +123,7 @@ def format_value(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, list | tuple):
-        return " ".join(format_value(v) for v in value)
+        return " ".join(format_value(v) for v in value) or "none"
     if isinstance(value, dict):
         return " ".join(f"{k}={v}" for k, v in value.items()) or "none"
     return str(value)

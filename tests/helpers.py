@@ -193,3 +193,18 @@ def _worker_of_rank(agent: subprocess.Popen, rank: int, timeout: float = 120) ->
                     return int(pid)
         time.sleep(0.05)
     raise AssertionError(f"no worker of rank {rank}")
+
+
+def fine_tuning_loss_turns_nan(monkeypatch, at_step: int) -> None:
+    """Make the fine-tuning loss NaN at optimizer step `at_step` of this process (counting from its first)."""
+    from spvit_search import finetuning
+
+    training_step = finetuning.DistillationTask.training_step
+    calls = []
+
+    def nan_at_the_step(self, model, batch):
+        loss, metrics = training_step(self, model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == at_step else loss), metrics
+
+    monkeypatch.setattr(finetuning.DistillationTask, "training_step", nan_at_the_step)

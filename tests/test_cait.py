@@ -119,10 +119,11 @@ def test_saved_subnet_records_its_family(net, tmp_path):
     arch = random_architecture(depth=4, hidden=HIDDEN, seed=3, **TINY_ARCH)
     save_subnet(export_subnet(net, arch), tmp_path / "subnet")
     config = json.loads((tmp_path / "subnet" / "config.json").read_text())
-    assert config["family"] == "cait" and config["model_kwargs"] == TINY_KWARGS
+    assert config["model_args"]["family"] == "cait" and config["model_args"]["model_kwargs"] == TINY_KWARGS
     loaded = timm.create_model(TIMM_NAME, subnet_dir=tmp_path / "subnet")
     assert isinstance(loaded, CaitSubnet) and loaded.arch == arch
-    (tmp_path / "subnet" / "config.json").write_text(json.dumps(config | {"family": "pit"}))
+    config["model_args"]["family"] = "pit"
+    (tmp_path / "subnet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"subnet: family: unknown subnet family 'pit'; expected 'cait'"):
         load_subnet(tmp_path / "subnet")
 

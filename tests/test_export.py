@@ -177,12 +177,12 @@ def test_subnet_directory_holds_data_only(saved_subnet):
     assert sorted(p.name for p in directory.iterdir()) == ["arch.json", "config.json", "model.safetensors"]
     assert Architecture.load(directory / "arch.json") == subnet.arch
     config = json.loads((directory / "config.json").read_text())
-    assert config == {
-        "format": "spvit-search subnet",
-        "version": 1,
-        "model_kwargs": {"patch_size": 4},
-        "fold_bn": False,
-    }
+    assert config["architecture"] == "spvit_subnet"
+    assert config["model_args"] == {"arch": subnet.arch.to_dict(), "model_kwargs": {"patch_size": 4}, "fold_bn": False}
+    assert config["spvit"] == {
+        "format": "spvit-search subnet", "version": 2, "source": None, "search_run": None, "search_target": None,
+        "finetune_run": None,
+    }  # fmt: skip
 
 
 def test_timm_create_model_loads_a_subnet_directory(saved_subnet):
@@ -324,8 +324,9 @@ def test_export_command_writes_onnx(search_run, tmp_path, capsys):
     assert ("onnxruntime matches PyTorch" if checked else "not checked: onnxruntime is not installed") in printed
 
 
-@pytest.mark.skipif(ONNX_EXPORTER, reason="onnx and onnxscript are installed")
-def test_export_command_without_onnx_fails_before_any_work(search_run, tmp_path, capsys):
+def test_export_command_without_onnx_fails_before_any_work(search_run, tmp_path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxscript" else find_spec(name))
     assert main(["export", "--run", str(search_run), "--out", str(tmp_path / "subnet"), "--onnx"]) == EXIT_BAD_INPUT
     assert capsys.readouterr().err.startswith("spvit: error: ONNX export needs")
     assert not (tmp_path / "subnet").exists()

@@ -1,7 +1,8 @@
 """The contract every registered family keeps, checked on a tiny model of each: the dense supernet computes the
 source model; exported subnets compute the supernet with their architecture fixed, before and after save/load and
 with BN folded; the lookup table prices them as fvcore counts them; architectures round-trip through JSON; the
-Optuna space offers only valid architectures inside the table's range. A new family adds its tiny model here."""
+Optuna space offers only valid architectures inside the table's range; the ONNX export computes the subnet in
+onnxruntime. A new family adds its tiny model here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from helpers import check_parity, fvcore_macs, randomize_
 from lookup_tables import build_lookup_table
 from lookup_tables.counting import CORE_OPERATORS
 from spvit_search.discrete_spaces import discrete_space
-from spvit_search.export import export_subnet
+from spvit_search.export import export_onnx, export_subnet
 from supernets import MIXERS, Architecture, BlockChoice, registered_families
 from supernets.family import family_of, family_of_model
 from supernets.registry import create_source_model
@@ -93,6 +94,18 @@ def test_dense_supernet_is_the_source_model(pair):
 def test_exported_subnets_compute_the_supernet(net, tmp_path):
     for i, arch in enumerate([every_mixer(net.dense_architecture()), *space_architectures(net, 2)]):
         check_parity(net, arch, images(net, 2), tmp_path / str(i))
+
+
+def test_the_onnx_export_computes_the_subnet_in_onnxruntime(net, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")  # in the dev extra: `make test` runs this
+    subnet = export_subnet(net, every_mixer(net.dense_architecture()))
+    export_onnx(subnet, tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = images(net, 3)  # a batch size the export did not trace: the batch dimension is dynamic
+    (logits,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        expected = subnet(x)
+    assert (torch.from_numpy(logits) - expected).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("convention", ["fvcore", "core"])

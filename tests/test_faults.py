@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fine_tuning_loss_turns_nan
 from safetensors.torch import load_file
 
 from finetune.checkpoint import load_checkpoint
-from spvit_search import finetuning
 from spvit_search.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_IO_ERROR, main
 from supernets.io import atomic_write_bytes
 
@@ -204,15 +204,7 @@ def test_resume_after_a_kill_between_training_and_outputs_writes_them(straight, 
 def test_nan_loss_exits_1_and_keeps_the_last_good_checkpoint(
     folder_subnet, image_folder, straight, tmp_path, monkeypatch, capsys
 ):
-    training_step = finetuning.DistillationTask.training_step
-    calls = []
-
-    def nan_at_step_5(self, model, batch):
-        loss, metrics = training_step(self, model, batch)
-        calls.append(1)
-        return (loss * float("nan") if len(calls) == 5 else loss), metrics
-
-    monkeypatch.setattr(finetuning.DistillationTask, "training_step", nan_at_step_5)
+    fine_tuning_loss_turns_nan(monkeypatch, at_step=5)
     out = tmp_path / "run"
     args = finetune_args(folder_subnet, image_folder, out, "--epochs", "1")
     assert main(args) == EXIT_FAILED

@@ -289,13 +289,17 @@ def test_lut_csv_is_schema_checked(lut_file, tmp_path, header, body, message):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"fold_bn": "yes"}, "fold_bn: expected bool"), ({"model_kwargs": [4]}, "model_kwargs: expected dict"),
-     ({"format": "pickle"}, "is not an spvit-search subnet config"), ({"version": 99}, "version 99 is not 1")],
+    [({"model_args": {"fold_bn": "yes"}}, "fold_bn: expected bool"),
+     ({"model_args": {"model_kwargs": [4]}}, "model_kwargs: expected dict"),
+     ({"spvit": {"format": "pickle"}}, "spvit.format: expected 'spvit-search subnet'"),
+     ({"spvit": {"version": 99}}, "version 99 is not 2")],
     ids=["fold_bn a string", "model_kwargs a list", "another format", "another version"],
 )  # fmt: skip
 def test_subnet_config_json_is_schema_checked(folder_subnet, tmp_path, change, message):
     subnet = shutil.copytree(folder_subnet, tmp_path / "subnet")
-    config = json.loads((subnet / "config.json").read_text()) | change
+    config = json.loads((subnet / "config.json").read_text())
+    for key, fields in change.items():
+        config[key] |= fields
     (subnet / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as caught:
         load_subnet(subnet)
