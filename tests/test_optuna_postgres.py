@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -81,19 +82,21 @@ def spawn(args: list[str]) -> subprocess.Popen:
 def test_a_worker_killed_mid_trial_is_failed_and_retried(dense_checkpoint, postgres_url, tmp_path, capsys):
     out, trials = tmp_path / "study", 16
     args = optuna_args(dense_checkpoint, out, postgres_url, "--study-name", "killed", "--trials", str(trials),
-                       "--eval-batches", "4", "--sampler", "random")  # fmt: skip
+                       "--eval-batches", "4", "--sampler", "random", "--bn-recalibration", "16")  # fmt: skip
     doomed, survivor = spawn(args), spawn(args)
-    deadline, victim = time.time() + 300, None
-    while victim is None and time.time() < deadline:  # a trial of the doomed worker that is running now
+    deadline, running = time.time() + 300, None
+    while running is None and time.time() < deadline:  # a trial of the doomed worker that evaluates now
         try:
             study = optuna.load_study(study_name="killed", storage=postgres_url)
         except KeyError:  # not created yet
             time.sleep(0.1)
             continue
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        victim = next((t.number for t in running if t.user_attrs.get("worker", "").endswith(f":{doomed.pid}")), None)
+        started = datetime.now() - timedelta(seconds=0.1)  # a pruned trial ends at once, an evaluation after 1-2 s
+        running = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                        if t.user_attrs.get("worker", "").endswith(f":{doomed.pid}") and t.datetime_start < started),
+                       None)  # fmt: skip
         time.sleep(0.02)
-    assert victim is not None, "the doomed worker ran no trial"
+    assert running is not None, "the doomed worker evaluated no trial"
     doomed.kill()
     doomed.wait()
     assert survivor.wait(timeout=600) == 0, survivor.stderr.read().decode()[-2000:]
@@ -102,7 +105,9 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried(dense_checkpoint, postg
     every = study.get_trials()
     assert [t.number for t in every] == list(range(len(every)))  # no number twice
     assert len([t for t in every if t.state in FINISHED]) == trials
-    assert every[victim].state == TrialState.FAIL  # found out by the heartbeat
+    of_doomed = [t for t in every if t.user_attrs.get("worker", "").endswith(f":{doomed.pid}")]
+    victim = running.number
+    assert [t.number for t in of_doomed if t.state == TrialState.FAIL] == [victim]  # found out by the heartbeat
     retried = [t for t in every if t.system_attrs.get("failed_trial") == victim]
     assert len(retried) == 1 and retried[0].params == every[victim].params
     rows = (out / "trials.csv").read_text().splitlines()[1:]
@@ -115,7 +120,7 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried(dense_checkpoint, postg
 
     other = optuna_args(dense_checkpoint, tmp_path / "other", postgres_url, "--study-name", "killed",
                         "--trials", str(trials), "--eval-batches", "4", "--sampler", "random",
-                        "--mlp-ratios", "0.5", "1.0")  # fmt: skip
+                        "--bn-recalibration", "16", "--mlp-ratios", "0.5", "1.0")  # fmt: skip
     assert main(other) == 2
     assert "study 'killed' in postgresql://postgres@127.0.0.1" in (err := capsys.readouterr().err)
     assert "was created with other settings: mlp_ratios differ" in err
