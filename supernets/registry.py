@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoints import load_state_dict_file
-from .family import family_of_model, registered_families
+from .family import Family, family_of_model, registered_families
 from .layers.gates import GateConfig
 
 if TYPE_CHECKING:
@@ -28,17 +28,7 @@ def _unsupported(model: nn.Module) -> list[str]:
 @functools.cache
 def list_supernets() -> list[str]:
     """Every model name `build_supernet` accepts."""
-    names = set()
-    for family in registered_families():
-        for name in family.model_names():
-            try:
-                with torch.device("meta"):  # the structure, without allocating weights
-                    model = timm.create_model(name, **family.structure_kwargs(name))
-            except Exception:  # an entry point that cannot build this way is not one of the family's models
-                continue
-            if family.accepts(model) and not family.unsupported(model):
-                names.add(name)
-    return sorted(names)
+    return sorted({name for family, name in _family_names() if _builds_supernet(family, name)})
 
 
 def check_model_name(name: str) -> None:
@@ -49,10 +39,25 @@ def check_model_name(name: str) -> None:
         if reasons:
             raise ValueError(f"timm model '{name}' cannot be searched: {'; '.join(reasons)}")
         return
-    supported = list_supernets()
-    close = difflib.get_close_matches(name, supported, n=5, cutoff=0.6)
+    # Only the names close to `name` are built to check them: building all of them takes seconds per typo.
+    candidates = _family_names()
+    close = difflib.get_close_matches(name, sorted({n for _, n in candidates}), n=10, cutoff=0.6)
+    close = [n for n in close if any(_builds_supernet(f, n) for f, candidate in candidates if candidate == n)][:5]
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model '{name}'{hint} (list_supernets() lists all {len(supported)})")
+    raise ValueError(f"unknown model '{name}'{hint} (list_supernets() lists them all)")
+
+
+def _family_names() -> list[tuple[Family, str]]:
+    return [(family, name) for family in registered_families() for name in family.model_names()]
+
+
+def _builds_supernet(family: Family, name: str) -> bool:
+    try:
+        with torch.device("meta"):  # the structure, without allocating weights
+            model = timm.create_model(name, **family.structure_kwargs(name))
+    except Exception:  # an entry point that cannot build this way is not one of the family's models
+        return False
+    return family.accepts(model) and not family.unsupported(model)
 
 
 def build_supernet(
