@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import importlib.util
 import os
 import random
 from dataclasses import dataclass
@@ -36,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_digits
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils import natural_key
@@ -311,7 +311,7 @@ def holdout_split(targets: list[int], fraction: float, seed: int) -> tuple[list[
 class DigitsDataset(Dataset):
     """scikit-learn's handwritten digits as (3, img_size, img_size) tensors normalised with ImageNet mean and std.
 
-    `indices` are the rows of `load_digits()` this split holds. The upsampled images are computed once per
+    `indices` are the rows of scikit-learn's `load_digits()` this split holds. The upsampled images are computed once per
     (split, img_size) and shared between instances; training augmentation shifts a digit by up to one source pixel
     (img_size // 8) in each direction, filling with background.
     """
@@ -337,12 +337,22 @@ class DigitsDataset(Dataset):
 @lru_cache(maxsize=8)
 def _digits_tensors(split: str, img_size: int) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """Images (N, 1, S, S) in [0, 1], targets (N,) and source rows of one digits split; cached, never mutate."""
-    digits = load_digits()
-    train, val = holdout_split(digits.target.tolist(), VAL_FRACTION, SPLIT_SEED)
+    pixels, labels = load_digits()
+    train, val = holdout_split(labels.tolist(), VAL_FRACTION, SPLIT_SEED)
     rows = train if split == "train" else val
-    images = torch.from_numpy(digits.images[rows]).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8), sklearn's 0..16
+    images = torch.from_numpy(pixels[rows]).float().div_(16.0).reshape(-1, 1, 8, 8)  # (N, 1, 8, 8), sklearn's 0..16
     images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)  # (N, 1, S, S)
-    return images, torch.from_numpy(digits.target[rows]).long(), tuple(rows)
+    return images, torch.from_numpy(labels[rows]).long(), tuple(rows)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: pixels (1797, 64) in 0..16 and labels (1797,), as `sklearn.datasets.load_digits` reads
+    them, from the file scikit-learn ships. Importing scikit-learn would add a second and a half to every start."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("--data digits reads the digits that scikit-learn ships: pip install scikit-learn")
+    table = np.loadtxt(Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz"), delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
 
 
 class FashionMNISTDataset(Dataset):

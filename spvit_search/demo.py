@@ -22,7 +22,6 @@ from torch.utils.data import Dataset
 from finetune.classification import train_classifier
 from finetune.devices import pin_memory, resolve_device
 from lookup_tables import build_lookup_table
-from reports import write_report
 from supernets import MIXERS, Architecture, build_supernet
 from supernets.checkpoints import load_state_dict_file
 from supernets.io import atomic_write_bytes, atomic_write_text
@@ -126,6 +125,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     }
     print(comparison_table(results))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    from reports import write_report  # matplotlib, which only the report needs
+
     report = write_report([out / "search", out / "finetune"], out / "report")
     for warning in report.warnings:
         print(f"   warning: {warning}")

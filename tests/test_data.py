@@ -18,6 +18,7 @@ from spvit_search.data import (
     build_loaders,
     default_num_workers,
     holdout_split,
+    load_digits,
     num_classes_of,
 )
 
@@ -27,6 +28,18 @@ def _targets(loader) -> list[int]:
 
 
 # --- digits -------------------------------------------------------------------------------------------------------
+
+
+def test_digits_are_scikit_learns():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    pixels, labels = load_digits()
+    truth = sklearn_digits()
+    assert np.array_equal(pixels, truth.data) and np.array_equal(labels, truth.target)
+    image, _ = build_dataset("digits", "val", 8)[0]  # at 8 px no resampling: the file's pixels, normalised
+    raw = image[0] * 0.229 + 0.485
+    first_val = build_dataset("digits", "val", 8).indices[0]
+    torch.testing.assert_close(raw, torch.from_numpy(truth.images[first_val]).float() / 16, atol=1e-6, rtol=0)
 
 
 def test_digits_split_sizes_disjoint_and_stratified():
