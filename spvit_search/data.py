@@ -311,7 +311,7 @@ def holdout_split(targets: list[int], fraction: float, seed: int) -> tuple[list[
 class DigitsDataset(Dataset):
     """scikit-learn's handwritten digits as (3, img_size, img_size) tensors normalised with ImageNet mean and std.
 
-    `indices` are the rows of scikit-learn's `load_digits()` this split holds. The upsampled images are computed once per
+    `indices` are the rows of `load_digits()` this split holds. The upsampled images are computed once per
     (split, img_size) and shared between instances; training augmentation shifts a digit by up to one source pixel
     (img_size // 8) in each direction, filling with background.
     """
