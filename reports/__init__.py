@@ -1,16 +1,15 @@
-"""Tables and plots of what a search did, from its run directories."""
+"""Tables and plots of what a search did, from its run directories.
+
+The names below load on first use (PEP 562): every command reads `reports.run_format`, and only a report needs
+matplotlib, a second of every start.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from supernets.lazy import lazy_exports
 
-__all__ = ["Report", "write_report"]
+_EXPORTS = {"Report": "document", "write_report": "document"}
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    # Every command reads `reports.run_format`; only a report needs matplotlib, a second of every start.
-    if name in __all__:
-        from . import document
-
-        return getattr(document, name)
-    raise AttributeError(f"module 'reports' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -24,6 +24,7 @@ from . import plots
 from .costs import CostTable, architecture_table, block_costs
 from .run_files import warn
 from .runs import ReportRun, find_run_dirs, link_runs, read_run_dir
+from .table_text import cell_text, markdown_table
 
 REPORT_FILES = ("index.html", "report.md")
 
@@ -222,25 +223,6 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    cells = frame.reset_index().map(_cell_text)
-    header = "| " + " | ".join(str(c) for c in cells.columns) + " |"
-    numeric = [pd.api.types.is_numeric_dtype(frame.reset_index()[c]) for c in cells.columns]
-    rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
-    body = ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
-def _cell_text(value: object) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 def render_html(report: Report) -> str:
     parts = [
         "<!DOCTYPE html>",
@@ -255,7 +237,7 @@ def render_html(report: Report) -> str:
         parts.append(f"<h2>{html.escape(section.title)}</h2>")
         for item in section.items:
             if isinstance(item, Table):
-                table = item.frame.map(_cell_text).to_html(escape=True)
+                table = item.frame.map(cell_text).to_html(escape=True)
                 parts.append(f"<h3>{html.escape(item.caption)}</h3>{table}")
             elif isinstance(item, Image):
                 data = base64.b64encode(item.png).decode("ascii")

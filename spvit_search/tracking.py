@@ -26,8 +26,8 @@ import pandas as pd
 
 from finetune.distributed import DistributedContext
 from reports.costs import architecture_table, read_cost_table
-from reports.document import markdown_table
 from reports.run_format import ARCH, LUT
+from reports.table_text import markdown_table
 from supernets import Architecture
 from supernets.io import atomic_write_text
 
