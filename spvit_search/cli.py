@@ -277,6 +277,10 @@ def run_search_command(args: argparse.Namespace) -> None:
             f"{summary['latency_ms']:.3f} ms predicted ({summary['latency_ms'] / summary['dense_latency_ms']:.3f}x "
             f"of dense, target {summary['target_latency_ms']:.3f} ms), {summary['macs'] / 1e9:.4f} GMACs"
         )
+        if "measured_latency_ms" in summary:
+            measured = summary["measured_latency_ms"]
+            budget += (f", {measured:.3f} ms measured ({measured / summary['dense_latency_ms']:.3f}x; "
+                       f"{len(summary['latency_projections'])} projection(s))")  # fmt: skip
     else:
         budget = (
             f"{summary['macs'] / 1e9:.4f} GMACs ({summary['macs'] / summary['dense_macs']:.3f}x of dense, target "

@@ -29,6 +29,12 @@ def budget_metric(text: str, metric: str) -> str:
     return metric
 
 
+def relative_budget(text: str) -> bool:
+    """Whether a budget is a fraction of the dense model's cost (`0.6x`)."""
+    match = _BUDGET.match(str(text))
+    return match is not None and match.group(2).lower() == "x"
+
+
 def parse_budget(text: str, dense: float, metric: str = "macs") -> float:
     """The budget a string gives in `metric`: MACs (a whole number) or ms; `x` budgets are relative to `dense`, the
     dense model's cost in that metric."""

@@ -8,6 +8,7 @@ epoch, `checkpoint.safetensors` (resume state), and at the end `arch.json`, `sup
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,21 +21,21 @@ from finetune.checkpoint import save_checkpoint
 from finetune.classification import ClassificationTask, evaluate_classifier
 from finetune.devices import pin_memory
 from finetune.distillation import DistillationLoss
-from finetune.distributed import DistributedContext
+from finetune.distributed import DistributedContext, gather_objects
 from finetune.engine import Engine, EngineConfig
 from finetune.imitation import ImitationWeights, ModuleImitation
 from finetune.optim import GATE_OPTIMIZERS, adamw, gate_optimizer, weight_decay_groups
 from finetune.schedule import warmup_cosine
 from lookup_tables import CONVENTIONS, LookupTable, build_lookup_table, differentiable_flops
 from reports.run_format import ARCH, LUT, SEARCH, SUPERNET, epoch_arch
-from supernets import MIXERS, GateConfig, Supernet, build_supernet
+from supernets import MIXERS, Architecture, GateConfig, Supernet, build_supernet
 from supernets.layers.gates import GATE_INITS
 from supernets.layers.unified_attention import mixer_index
 
-from .complexity import ComplexityLoss, budget_metric, check_budget, parse_budget
+from .complexity import ComplexityLoss, budget_metric, check_budget, parse_budget, relative_budget
 from .data import TrainDataConfig, build_datasets, build_loaders, num_classes_of
 from .discrete_spaces import unit_magnitude
-from .metric import METRICS, LatencyMetric, MacsMetric, cost_metric
+from .metric import MEASURED_TOLERANCE, METRICS, LatencyMetric, MacsMetric, cost_metric, latency_meter
 from .runs import (
     ComputeSettings,
     DistillationSettings,
@@ -95,6 +96,12 @@ class SearchConfig(
     tolerance: float = budget_setting(0.01, help="relative distance to the target that is on target")
     patience: int = budget_setting(3, help="stop after this many on-target epochs in a row")
     project: bool = budget_setting(True, help="finally flip the least confident gates to meet the budget exactly")
+    measure_latency: bool = budget_setting(
+        True,
+        help=f"--metric latency: time the projected subnet here, and project again until it is within "
+        f"{MEASURED_TOLERANCE:.0%} of the budget (where this process runs in the table's device, batch, dtype and "
+        "threads)",
+    )
     gate_lr: float = optim_setting(0.02, help="gate logits learning rate (AdamW, no decay)")
     gate_optimizer: str = optim_setting(
         "adam", choices=GATE_OPTIMIZERS,
@@ -328,7 +335,11 @@ def _finish(
 ) -> dict[str, Any] | None:
     config: SearchConfig = run.config
     searched = net.architecture()
-    arch = metric.project(net, target) if config.project else searched
+    arch, measured = searched, {}
+    if config.project and metric.name == "latency" and config.measure_latency:
+        arch, measured = _project_measured(net, lut, metric, target, config.target, run)
+    elif config.project:
+        arch = metric.project(net, target)
     net.eval()
     net.fix_architecture(arch)
     metrics = evaluate_classifier(net, val_loader)
@@ -354,10 +365,35 @@ def _finish(
     if metric.name == "latency":
         summary |= {"latency_ms": metric.of(arch), "latency_ms_before_projection": metric.of(searched),
                     "dense_latency_ms": metric.dense()}  # fmt: skip
+    summary |= measured
     if run.context.is_main:
         arch.save(run.out_dir / ARCH)
         save_checkpoint(run.out_dir / SUPERNET, net.state_dict(), {"config": net.config()})
     return run.finish(summary)
+
+
+def _project_measured(
+    net: Supernet, lut: LookupTable, metric: LatencyMetric, target: float, budget: str, run: Run
+) -> tuple[Architecture, dict[str, Any]]:
+    """The latency projection checked by timing the subnets on rank 0 (the others wait for its figures), and the
+    summary's record of it; the table's projection alone, with a warning, where this process is not in the table's
+    context."""
+    try:
+        measure = latency_meter(net, lut, run.device, relative_budget(budget))
+        reason = None
+    except ValueError as error:
+        reason = str(error)
+    reason = gather_objects(run.context, reason)[0]  # rank 0's verdict, for every rank
+    if reason is not None:
+        if run.context.is_main:
+            print(f"spvit: warning: the subnet's latency is predicted, not measured: {reason}", file=sys.stderr)
+        return metric.project(net, target), {}
+
+    def measure_on_main(arch: Architecture) -> float:
+        return gather_objects(run.context, measure(arch) if run.context.is_main else None)[0]
+
+    arch, measured, rounds = metric.project_measured(net, target, measure_on_main)
+    return arch, {"measured_latency_ms": measured, "latency_projections": rounds}
 
 
 def _check_config(config: SearchConfig) -> None:

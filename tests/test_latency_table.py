@@ -170,7 +170,7 @@ def test_a_search_meets_a_latency_budget_and_refuses_impossible_ones(image_folde
     lut.save(tmp_path / "lut.csv")
     model = ["--model", "test_vit", "--img-size", "16", "--model-kwargs", "patch_size=4", "depth=3"]
     search = ["search", *model, "--data", str(image_folder), "--batch-size", "4", "--no-progress", "--epochs", "2",
-              "--lut", str(tmp_path / "lut.csv")]  # fmt: skip
+              "--no-measure-latency", "--lut", str(tmp_path / "lut.csv")]  # fmt: skip
     dense = lut.latency(net.dense_architecture())
     assert main([*search, "--out", str(tmp_path / "run"), "--target", "0.6x", "--metric", "latency"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -191,6 +191,68 @@ def test_a_search_meets_a_latency_budget_and_refuses_impossible_ones(image_folde
     plain = [*search[:-1], str(tmp_path / "macs.csv")]
     assert main([*plain, "--out", str(tmp_path / "bad2"), "--target", "5ms"]) == 2
     assert "--metric latency needs a latency lookup table" in capsys.readouterr().err
+
+
+class UnderPredictedWorld(FakeTimer):
+    """The fake world, where a network runs up to 20% slower than its parts say the smaller it is (at the
+    empty network; not at the dense one): the table, fitted on a few networks, under-predicts small subnets, as it
+    does on a CPU."""
+
+    def __init__(self, net) -> None:
+        super().__init__(bend=1e-5)
+        self.dense = FakeTimer(bend=1e-5).network(net.dense_architecture())
+
+    def network(self, arch) -> float:
+        parts = super().network(arch)
+        return parts * (1 + 0.2 * (1 - parts / self.dense))
+
+
+def one_epoch_search(data, lut, out, target: str, *extra: str) -> list[str]:
+    """`spvit search` of `tiny`'s supernet (2 classes) for one epoch under a latency budget of `lut`."""
+    return ["search", "--model", "test_vit", "--img-size", "16", "--model-kwargs", "patch_size=4", "depth=3",
+            "--data", str(data), "--batch-size", "4", "--no-progress", "--epochs", "1", "--lut", str(lut),
+            "--target", target, "--metric", "latency", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_a_latency_search_measures_its_subnet_and_projects_again_until_it_lands(image_folder, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    net = build_supernet("test_vit", img_size=16, num_classes=2, patch_size=4, depth=3).eval()
+    latency_table(net, FakeTimer(bend=1e-5)).save(tmp_path / "lut.csv")  # the table of the world without the bias
+    world = UnderPredictedWorld(net)
+    monkeypatch.setattr("spvit_search.metric.Timer", lambda device: world)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CONTEXT.threads)  # the table's context, which the search must run in to measure
+    try:
+        for name, extra in (("measured", []), ("predicted", ["--no-measure-latency"])):
+            assert main(one_epoch_search(image_folder, tmp_path / "lut.csv", tmp_path / name, "0.4x", *extra)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    measured, predicted = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("measured", "predicted"))
+    target = measured["target_latency_ms"]
+    miss = world.network(Architecture.load(tmp_path / "predicted" / "arch.json")) / target - 1
+    assert miss > 0.05 and "measured_latency_ms" not in predicted  # the table alone misses the budget
+    rounds = measured["latency_projections"]
+    assert len(rounds) >= 2 and rounds[0]["goal_ms"] == target
+    assert rounds[1]["goal_ms"] == pytest.approx(target * target / rounds[0]["measured_ms"])
+    arch = Architecture.load(tmp_path / "measured" / "arch.json")
+    # The dense model runs as predicted here, so the measured ms need no rescaling to the dense fraction.
+    assert measured["measured_latency_ms"] == pytest.approx(world.network(arch), rel=2e-3)
+    assert abs(measured["measured_latency_ms"] / target - 1) <= 0.02
+    assert measured["latency_ms"] < target  # what the table predicts of the subnet that lands
+
+
+def test_a_search_outside_the_tables_context_projects_on_the_prediction_and_says_so(image_folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    net = build_supernet("test_vit", img_size=16, num_classes=2, patch_size=4, depth=3).eval()
+    other = LatencyContext("an accelerator this is not", 2, "fp32", 1, torch.__version__)
+    build_latency_table(net, lambda arch: export_subnet(net, arch), other, FakeTimer(), mlp_points=8).save(
+        tmp_path / "lut.csv"
+    )
+    assert main(one_epoch_search(image_folder, tmp_path / "lut.csv", tmp_path / "run", "0.6x")) == 0
+    assert re.search(r"spvit: warning: the subnet's latency is predicted, not measured: the latency table was "
+                     r"measured with device 'an accelerator this is not'", capsys.readouterr().err)  # fmt: skip
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "measured_latency_ms" not in summary and summary["latency_ms"] <= summary["target_latency_ms"]
 
 
 class FamilyFakeTimer(FakeTimer):
