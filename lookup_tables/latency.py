@@ -186,7 +186,7 @@ def measure_latency(
         del mlp_calls, subnet
     empties = {f"empty{w or ''}": at(w, [BlockChoice("skip", ()) for _ in hidden[w]]) for w in shapes}
     fitted = {"dense": net.dense_architecture(), **_random_architectures(net, templates, hidden, checks - 1)}
-    images = torch.zeros(context.batch, net.in_chans, net.img_size, net.img_size, device=device)
+    images = timing_images(net, context, device)
     timings = timer(network_calls(empties | fitted, export, images, context))
     measured = {name: ms for (_, name, _), (ms, _) in timings.items()}
 
@@ -259,6 +259,11 @@ def network_calls(
 
         calls["network", name, arch] = call
     return calls
+
+
+def timing_images(net: nn.Module, context: LatencyContext, device: torch.device) -> torch.Tensor:
+    """The batch a network of `net` is timed on in `context`: zeros, as the timings do not depend on the pixels."""
+    return torch.zeros(context.batch, net.in_chans, net.img_size, net.img_size, device=device)
 
 
 def autocast(context: LatencyContext, device: torch.device) -> AbstractContextManager:

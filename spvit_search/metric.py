@@ -23,7 +23,7 @@ from torch import nn
 
 from lookup_tables import LatencyContext, LookupTable, Timer, differentiable_flops, network_calls
 from lookup_tables.cost import differentiable_latency
-from lookup_tables.latency import TimerFn
+from lookup_tables.latency import timing_images
 from lookup_tables.table_format import LATENCY, WIDTH
 from supernets import Architecture, Supernet
 
@@ -148,7 +148,7 @@ def cost_metric(lut: LookupTable, name: str) -> MacsMetric | LatencyMetric:
 
 
 def latency_meter(
-    net: Supernet, lut: LookupTable, device: torch.device, relative: bool, timer: TimerFn | None = None
+    net: Supernet, lut: LookupTable, device: torch.device, relative: bool
 ) -> Callable[[Architecture], float]:
     """`measure(arch)`: the ms of `arch`'s exported subnet of `net`, timed end to end on `device` in the table's
     context (a `ValueError` says what differs where this process is not in it). For a budget `relative` to dense,
@@ -156,14 +156,15 @@ def latency_meter(
     a machine running faster or slower than when the table was measured lands on the same fraction."""
     context = lut.latency_context
     context.check_matches(LatencyContext.of(device, context.batch, context.dtype))
-    timer = timer or Timer(device)
-    images = torch.zeros(context.batch, net.in_chans, net.img_size, net.img_size, device=device)
+    timer = Timer(device)
+    images = timing_images(net, context, device)
     dense = net.dense_architecture()
+    dense_ms = lut.latency(dense)
 
     def measure(arch: Architecture) -> float:
         archs = {"subnet": arch} | ({"dense": dense} if relative else {})
         timings = timer(network_calls(archs, lambda a: export_subnet(net, a), images, context))
         ms: dict[Any, float] = {name: median for (_, name, _), (median, _) in timings.items()}
-        return ms["subnet"] * (lut.latency(dense) / ms["dense"] if relative else 1.0)
+        return ms["subnet"] * (dense_ms / ms["dense"] if relative else 1.0)
 
     return measure
