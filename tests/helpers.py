@@ -4,9 +4,11 @@ fvcore counts and elastic torchrun runs."""
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -149,6 +151,35 @@ def fvcore_macs(model: torch.nn.Module, img_size: int) -> dict[str, int]:
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return dict(analysis.by_operator())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def forked_ranks(cli_args: list[str], world_size: int = 2) -> list[int]:
+    """`spvit CLI_ARGS` as `world_size` gloo ranks forked from this process, with the environment torchrun gives its
+    workers and one thread each; returns their exit codes. Forked, the ranks skip the imports (seconds each) that
+    a reference run under torchrun would pay."""
+    port, fork = free_port(), multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=_forked_rank, args=(cli_args, rank, world_size, port)) for rank in range(world_size)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=600)
+    return [process.exitcode for process in ranks]
+
+
+def _forked_rank(cli_args: list[str], rank: int, world_size: int, port: int) -> None:
+    from spvit_search.cli import main
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    sys.exit(main(cli_args))
 
 
 def elastic_torchrun(*cli_args: str) -> list[str]:

@@ -11,17 +11,17 @@ import glob
 import json
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import pytest
+from helpers import free_port
 from optuna.trial import TrialState
 
 from spvit_search.cli import main
@@ -37,12 +37,6 @@ def _server_binaries() -> Path | None:
     return Path(found).parent if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     binaries = _server_binaries()
@@ -56,7 +50,7 @@ def postgres_url() -> Iterator[str]:
     if os.geteuid() == 0:  # initdb refuses root
         as_postgres = ["runuser", "-u", "postgres", "--"]
         shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     run = lambda *args: subprocess.run([*as_postgres, *map(str, args)], check=True, capture_output=True, timeout=120)  # noqa: E731
     run(binaries / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
     settings = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
@@ -84,19 +78,26 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried(dense_checkpoint, postg
     args = optuna_args(dense_checkpoint, out, postgres_url, "--study-name", "killed", "--trials", str(trials),
                        "--eval-batches", "4", "--sampler", "random", "--bn-recalibration", "16")  # fmt: skip
     doomed, survivor = spawn(args), spawn(args)
-    deadline, running = time.time() + 300, None
-    while running is None and time.time() < deadline:  # a trial of the doomed worker that evaluates now
+
+    def held_by_doomed() -> int | None:
         try:
-            study = optuna.load_study(study_name="killed", storage=postgres_url)
+            held = optuna.load_study(study_name="killed", storage=postgres_url).get_trials(states=(TrialState.RUNNING,))
         except KeyError:  # not created yet
-            time.sleep(0.1)
+            return None
+        return next((t.number for t in held if t.user_attrs.get("worker", "").endswith(f":{doomed.pid}")), None)
+
+    deadline, victim = time.time() + 300, None
+    while victim is None and time.time() < deadline:
+        if held_by_doomed() is None:
+            time.sleep(0.02)
             continue
-        started = datetime.now() - timedelta(seconds=0.1)  # a pruned trial ends at once, an evaluation after 1-2 s
-        running = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                        if t.user_attrs.get("worker", "").endswith(f":{doomed.pid}") and t.datetime_start < started),
-                       None)  # fmt: skip
-        time.sleep(0.02)
-    assert running is not None, "the doomed worker evaluated no trial"
+        # Stopped, the doomed worker cannot end the trial it holds: one RUNNING now is the one the kill interrupts.
+        # The pause lets the server apply a write the worker had sent just before it stopped.
+        os.kill(doomed.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        if (victim := held_by_doomed()) is None:
+            os.kill(doomed.pid, signal.SIGCONT)
+    assert victim is not None, "the doomed worker held no trial"
     doomed.kill()
     doomed.wait()
     assert survivor.wait(timeout=600) == 0, survivor.stderr.read().decode()[-2000:]
@@ -106,10 +107,8 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried(dense_checkpoint, postg
     assert [t.number for t in every] == list(range(len(every)))  # no number twice
     assert len([t for t in every if t.state in FINISHED]) == trials
     of_doomed = [t for t in every if t.user_attrs.get("worker", "").endswith(f":{doomed.pid}")]
-    # Found out by the heartbeat: the trial seen evaluating, or the next one where it ended as the kill was sent.
     failed = [t.number for t in of_doomed if t.state == TrialState.FAIL]
-    assert len(failed) == 1 and failed[0] >= running.number, [(t.number, t.state.name) for t in of_doomed]
-    victim = failed[0]
+    assert failed == [victim], [(t.number, t.state.name) for t in of_doomed]  # found out by the heartbeat
     retried = [t for t in every if t.system_attrs.get("failed_trial") == victim]
     assert len(retried) == 1 and retried[0].params == every[victim].params
     rows = (out / "trials.csv").read_text().splitlines()[1:]
@@ -130,7 +129,7 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried(dense_checkpoint, postg
 
 def test_a_server_that_does_not_answer_is_one_line(dense_checkpoint, tmp_path, capsys):
     pytest.importorskip("psycopg")
-    url = f"postgresql://spvit:secret@127.0.0.1:{_free_port()}/nothing"
+    url = f"postgresql://spvit:secret@127.0.0.1:{free_port()}/nothing"
     assert main(optuna_args(dense_checkpoint, tmp_path / "run", url, "--trials", "1")) == 2
     err = capsys.readouterr().err
     assert err.startswith("spvit: error: --storage postgresql://spvit:***@127.0.0.1") and err.count("\n") == 1

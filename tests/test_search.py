@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from helpers import elastic_torchrun, run_killing_a_rank
+from helpers import elastic_torchrun, forked_ranks, run_killing_a_rank
 from safetensors.torch import load_file
 
 from lookup_tables import LookupTable
@@ -29,7 +29,7 @@ def search_args(checkpoint: Path, out: Path, *extra: str) -> list[str]:
 
 def test_search_lands_on_the_budget(dense_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--target", "0.6x", "--epochs", "8", "--gate-lr", "0.05", "--patience", "2"]
+    args = ["--target", "0.6x", "--epochs", "4", "--gate-lr", "0.1", "--patience", "1"]
     assert main(search_args(dense_checkpoint, out, *args)) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -111,22 +111,17 @@ def test_resume_refuses_other_settings_and_finished_runs(dense_checkpoint, tmp_p
     assert "finished run" in capsys.readouterr().err
 
 
-def torchrun_search(dense_checkpoint: Path, out: Path) -> list[str]:
-    """A 2-process search that an elastic agent may restart once: `--resume auto` starts it, or continues it."""
-    return elastic_torchrun(*search_args(dense_checkpoint, out, "--target", "0.7x", "--epochs", "1",
-                                         "--batch-size", "64", "--log-every", "1", "--checkpoint-every", "5",
-                                         "--resume", "auto"))  # fmt: skip
+# A 2-process search; under the elastic agent, `--resume auto` starts it, or continues it after a restart.
+DDP_SEARCH = ["--target", "0.7x", "--epochs", "1", "--batch-size", "64", "--log-every", "1", "--checkpoint-every", "5"]
 
 
-def test_ddp_search_writes_one_set_of_outputs_and_survives_a_killed_rank(dense_checkpoint, tmp_path):
+def test_ddp_search_writes_one_set_of_outputs_and_survives_a_killed_rank(dense_checkpoint, tmp_path, capfd):
     """Two gloo processes write one set of outputs; with one of them SIGKILLed mid-epoch, torchrun restarts the
-    group, which resumes from the last checkpoint and ends with the same architecture and weights."""
+    group, which resumes from the last checkpoint and ends with the same architecture and weights as an
+    uninterrupted pair of ranks."""
     out, killed = tmp_path / "ddp", tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(torchrun_search(dense_checkpoint, out), cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env=env)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("searched test_vit") == 1  # only rank 0 reports
+    assert forked_ranks(search_args(dense_checkpoint, out, *DDP_SEARCH)) == [0, 0]
+    assert capfd.readouterr().out.count("searched test_vit") == 1  # only rank 0 reports
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
         ["arch.json", "arch_epoch1.json", "checkpoint.safetensors", "config.json", "lut.csv", "metrics.jsonl",
@@ -135,7 +130,9 @@ def test_ddp_search_writes_one_set_of_outputs_and_survives_a_killed_rank(dense_c
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in steps if "ce" in r]) == 12  # 1,438 images / 2 ranks / 64 per batch, once
 
-    run_killing_a_rank(torchrun_search(dense_checkpoint, killed), killed / "checkpoint.safetensors", env)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = elastic_torchrun(*search_args(dense_checkpoint, killed, *DDP_SEARCH, "--resume", "auto"))
+    run_killing_a_rank(command, killed / "checkpoint.safetensors", env)
     resumed = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert resumed == steps  # every step's metrics, as if nothing had happened
     assert (killed / "arch.json").read_text() == (out / "arch.json").read_text()
