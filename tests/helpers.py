@@ -11,7 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -151,6 +154,74 @@ def fvcore_macs(model: torch.nn.Module, img_size: int) -> dict[str, int]:
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return dict(analysis.by_operator())
+
+
+class ForkedSpvit:
+    """`spvit ARGS` in a child forked from this test process: what `subprocess.Popen` of `python -m spvit_search.cli
+    ARGS` runs, without its seconds of imports. `before` runs in the child first (to wrap a function, say); the
+    child's stdout goes to /dev/null and its stderr to a file that `stderr()` reads. Like Popen's, `returncode` is
+    the exit status, or minus the signal that ended the child.
+
+    The child inherits this process's warning filters, so a test of everything a fresh process prints to stderr
+    should use a real subprocess."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, before: Callable[[], None] | None = None):
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed with this object)
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            self._run_child(args, env or {}, before)
+
+    def _run_child(self, args: list[str], env: dict[str, str], before: Callable[[], None] | None) -> None:
+        code = 1
+        try:  # never back into pytest: the child ends in os._exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            os.dup2(self._stderr.fileno(), 2)
+            # Streams of the child's own, not pytest's capture; os._exit ends it with them open.
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # noqa: SIM115
+            os.environ.update(env)
+            if "OMP_NUM_THREADS" in env:
+                torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+            if before is not None:
+                before()
+            from spvit_search.cli import main
+
+            code = main(args)
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float = 600) -> int:
+        deadline = time.time() + timeout
+        while self.poll() is None:
+            if time.time() > deadline:
+                self.kill()
+                raise TimeoutError(f"spvit (pid {self.pid}) still ran after {timeout} s")
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
 
 
 def free_port() -> int:

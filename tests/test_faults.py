@@ -15,13 +15,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import fine_tuning_loss_turns_nan
+from helpers import ForkedSpvit, fine_tuning_loss_turns_nan
 from safetensors.torch import load_file
 
 from finetune.checkpoint import load_checkpoint
@@ -29,7 +28,7 @@ from spvit_search.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_IO_ERROR, main
 from supernets.io import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocess and pytest compute alike, bit for bit
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the spvit processes and pytest compute alike, bit for bit
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,35 +72,35 @@ def checkpoint_step(run: Path) -> int:
 
 # -- SIGKILL in the middle of a checkpoint write -----------------------------------------------------------------------
 
-# Runs `spvit` with the atomic writer's file operations wrapped: the KILL_AT-th write of checkpoint.safetensors
-# dies by SIGKILL half-way through the temporary file (mid-write), or once it is complete and fsync'ed but not yet
-# renamed (before-rename).
-KILLING_SPVIT = textwrap.dedent("""
-    import os, signal, sys, tempfile
-    from pathlib import Path
 
-    KILL_AT, WHERE = int(os.environ["KILL_AT"]), os.environ["KILL_WHERE"]
+def die_in_a_checkpoint_write(kill_at: int, where: str) -> None:
+    """Wrap the atomic writer's file operations in this (forked) process: its `kill_at`-th write of
+    checkpoint.safetensors dies by SIGKILL half-way through the temporary file (mid-write), or once it is complete
+    and fsync'ed but not yet renamed (before-rename)."""
     writes, doomed = [0], set()
     real_mkstemp, real_fdopen, real_replace = tempfile.mkstemp, os.fdopen, os.replace
 
-    def die():
+    def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def mkstemp(*args, **kwargs):
         fd, name = real_mkstemp(*args, **kwargs)
         if Path(name).name.startswith(".checkpoint.safetensors."):
             writes[0] += 1
-            if writes[0] == KILL_AT:
+            if writes[0] == kill_at:
                 doomed.add(fd)
         return fd, name
 
     class HalfWriter:
         def __init__(self, f):
             self.f = f
+
         def __enter__(self):
             return self
+
         def __exit__(self, *exc):
             self.f.close()
+
         def write(self, data):
             self.f.write(data[: len(data) // 2])
             self.f.flush()
@@ -110,26 +109,22 @@ KILLING_SPVIT = textwrap.dedent("""
 
     def fdopen(fd, *args, **kwargs):
         f = real_fdopen(fd, *args, **kwargs)
-        return HalfWriter(f) if fd in doomed and WHERE == "mid-write" else f
+        return HalfWriter(f) if fd in doomed and where == "mid-write" else f
 
     def replace(src, dst):
-        if WHERE == "before-rename" and Path(dst).name == "checkpoint.safetensors" and writes[0] == KILL_AT:
+        if where == "before-rename" and Path(dst).name == "checkpoint.safetensors" and writes[0] == kill_at:
             die()
         real_replace(src, dst)
 
     tempfile.mkstemp, os.fdopen, os.replace = mkstemp, fdopen, replace
-    from spvit_search.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
 
 
 @pytest.mark.parametrize("where", ["mid-write", "before-rename"])
 def test_sigkill_during_a_checkpoint_write_keeps_the_last_one(folder_subnet, image_folder, straight, tmp_path, where):
     out = tmp_path / "run"
     args = finetune_args(folder_subnet, image_folder, out, "--epochs", "1")
-    env = {**ONE_THREAD, "KILL_AT": "2", "KILL_WHERE": where}  # the checkpoint of step 4
-    result = subprocess.run([sys.executable, "-c", KILLING_SPVIT, *args], cwd=REPO, env=env, capture_output=True)
-    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    process = ForkedSpvit(args, env=ONE_THREAD, before=lambda: die_in_a_checkpoint_write(2, where))  # at step 4
+    assert process.wait() == -signal.SIGKILL, process.stderr()[-2000:]
 
     assert checkpoint_step(out) == 2  # the previous checkpoint, whole
     (temporary,) = out.glob(".checkpoint.safetensors.*.tmp")  # the write the kill cut off, never renamed

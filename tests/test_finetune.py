@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import elastic_torchrun, forked_ranks, run_killing_a_rank
+from helpers import ForkedSpvit, elastic_torchrun, forked_ranks, run_killing_a_rank
 from safetensors.torch import load_file
 
 from finetune.classification import evaluate_classifier
@@ -23,7 +20,6 @@ from spvit_search.export import export_subnet, load_subnet, read_subnet_source, 
 from supernets import build_supernet
 from supernets.registry import create_source_model
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
 
 
@@ -73,14 +69,11 @@ def test_killed_finetune_resumes_bit_identically(folder_subnet, image_folder, tm
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(finetune_args(folder_subnet, straight, *args)) == 0
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "spvit_search.cli", *finetune_args(folder_subnet, killed, *args)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    process = ForkedSpvit(finetune_args(folder_subnet, killed, *args))
     deadline = time.time() + 300
     while not (killed / "checkpoint.safetensors").exists() and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
+    process.kill()
     process.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
 

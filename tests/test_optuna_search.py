@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from helpers import ForkedSpvit
 from optuna.trial import TrialState
 from safetensors.torch import save_file
 
@@ -27,7 +25,6 @@ from spvit_search.export import load_search_supernet, load_subnet
 from spvit_search.optuna_search import JOURNAL
 from supernets import Architecture
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
 
 
@@ -81,26 +78,18 @@ def test_pareto_objective_writes_a_non_dominated_front(dense_checkpoint, tmp_pat
     assert [p["macs"] for p in front] == sorted(p["macs"] for p in front)
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "spvit_search.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-
-
 def test_two_processes_share_one_study_without_duplicates(dense_checkpoint, tmp_path):
     out = tmp_path / "shared"
-    # Enough trials that the second worker joins before the first one finishes the study alone.
-    args = optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "32", "--eval-batches", "2")
-    workers = [_spawn(args) for _ in range(2)]
+    # Forked at once, the workers start together: both take part in even a short study.
+    args = optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "16", "--eval-batches", "2")
+    workers = [ForkedSpvit(args, env={"OMP_NUM_THREADS": "1"}) for _ in range(2)]
     for w in workers:
-        _, err = w.communicate(timeout=600)
-        assert w.returncode == 0, err.decode()[-2000:]
+        assert w.wait() == 0, w.stderr()[-2000:]
     trials = load_study(out).get_trials()
     numbers = [t.number for t in trials]
     assert numbers == list(range(len(trials)))  # every trial exactly once
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) == 32  # a running trial of the other worker holds its place
+    assert len(finished) == 16  # a running trial of the other worker holds its place
     # None lost half-way; a trial started beyond the total by two workers asking at once is failed unrun.
     assert all(t in finished or t.user_attrs.get("surplus") for t in trials)
     assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} == {str(w.pid) for w in workers}
@@ -109,13 +98,17 @@ def test_two_processes_share_one_study_without_duplicates(dense_checkpoint, tmp_
 def test_a_killed_study_resumes_without_duplicates(dense_checkpoint, tmp_path):
     out = tmp_path / "killed"
     args = optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "14", "--eval-batches", "1")
-    process = _spawn(args)
-    deadline = time.time() + 300
+    process = ForkedSpvit(args, env={"OMP_NUM_THREADS": "1"})
+    deadline, journal_lock = time.time() + 300, out / f"{JOURNAL}.lock"
     while time.time() < deadline:
         time.sleep(0.2)
         if (out / JOURNAL).exists() and len(load_study(out).get_trials()) >= 4:
-            break
-    os.kill(process.pid, signal.SIGKILL)
+            # Killed between two writes: a journal lock left behind would hold the resume up for its 30 s grace.
+            process.send_signal(signal.SIGSTOP)
+            if not journal_lock.exists():
+                break
+            process.send_signal(signal.SIGCONT)
+    process.kill()
     process.wait()
     before = load_study(out).get_trials()
     assert len(before) < 14, "the study finished before it could be killed"

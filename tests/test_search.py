@@ -5,21 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-from helpers import elastic_torchrun, forked_ranks, run_killing_a_rank
+from helpers import ForkedSpvit, elastic_torchrun, forked_ranks, run_killing_a_rank
 from safetensors.torch import load_file
 
 from lookup_tables import LookupTable
 from spvit_search.cli import main
 from supernets import Architecture
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
 
 
@@ -60,14 +56,11 @@ def test_killed_search_resumes_bit_identically(dense_checkpoint, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(search_args(dense_checkpoint, straight, *args)) == 0
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "spvit_search.cli", *search_args(dense_checkpoint, killed, *args)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    process = ForkedSpvit(search_args(dense_checkpoint, killed, *args))
     deadline = time.time() + 300
     while not (killed / "checkpoint.safetensors").exists() and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
+    process.kill()
     process.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     assert json.loads((killed / ".lock").read_text())["pid"] == process.pid  # stale: its holder was killed
@@ -84,18 +77,14 @@ def test_killed_search_resumes_bit_identically(dense_checkpoint, tmp_path):
 def test_a_second_writer_of_a_live_run_is_refused_and_the_first_finishes(dense_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--target", "0.8x", "--epochs", "1", "--resume", "auto"]  # auto: nothing to resume, so a fresh run
-    first = subprocess.Popen(
-        [sys.executable, "-m", "spvit_search.cli", *search_args(dense_checkpoint, out, *args)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    first = ForkedSpvit(search_args(dense_checkpoint, out, *args))
     deadline = time.time() + 120
     while not (out / ".lock").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert main(search_args(dense_checkpoint, out, *args)) == 2
     error = capsys.readouterr().err
     assert re.fullmatch(rf"spvit: error: {re.escape(str(out))} is in use by pid {first.pid} on \S+; .*\n", error)
-    stderr = first.communicate(timeout=300)[1]
-    assert first.returncode == 0, stderr[-2000:]
+    assert first.wait(timeout=300) == 0, first.stderr()[-2000:]
     assert (out / "summary.json").is_file() and not (out / ".lock").exists()
 
 
