@@ -13,6 +13,7 @@ Run from the repository root on a quiet machine: `.venv/bin/python benchmarks/la
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for budget in args.budgets:
         for metric in ("latency", "macs"):
             out = args.out / f"{metric}_{budget}x"
+            shutil.rmtree(out, ignore_errors=True)  # this benchmark's own run of an earlier invocation
             summary = run_search(
                 SearchConfig(
                     model=args.model, checkpoint=str(weights), num_classes=10, data=str(folder), out=str(out),

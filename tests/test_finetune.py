@@ -115,8 +115,7 @@ def test_teacher_and_init_choices(subnet_dir, dense_checkpoint, tmp_path, capsys
     bare = tmp_path / "bare"
     save_subnet(load_subnet(subnet_dir), bare)
     assert main(finetune_args(bare, tmp_path / "x", "--epochs", "1")) == 2
-    assert "pass --teacher-model" in capsys.readouterr().err
-    assert main(finetune_args(bare, tmp_path / "y", "--epochs", "1", "--distillation", "none")) == 0
+    assert "pass --teacher-model" in capsys.readouterr().err  # or --distillation none: see test_faults.py
 
 
 def test_finetune_refusals(subnet_dir, tmp_path, capsys):

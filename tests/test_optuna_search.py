@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
-import time
 from pathlib import Path
 
 import optuna
@@ -22,7 +22,7 @@ from spvit_search.cli import main
 from spvit_search.data import build_dataset, build_loader
 from spvit_search.discrete_spaces import BlockwiseSpace, discrete_space
 from spvit_search.export import load_search_supernet, load_subnet
-from spvit_search.optuna_search import JOURNAL
+from spvit_search.optuna_search import JOURNAL, SharedWeightEvaluator
 from supernets import Architecture
 
 TINY = ["--model", "test_vit", "--img-size", "32", "--model-kwargs", "patch_size=4", "--no-progress"]
@@ -95,23 +95,28 @@ def test_two_processes_share_one_study_without_duplicates(dense_checkpoint, tmp_
     assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} == {str(w.pid) for w in workers}
 
 
+def die_in_an_evaluation(kill_at: int) -> None:
+    """In this (forked) worker, the `kill_at`-th candidate evaluation dies by SIGKILL: mid-trial, between two
+    journal writes (a journal lock left behind would hold the resume up for Optuna's 30 s grace)."""
+    evaluations, real_call = [0], SharedWeightEvaluator.__call__
+
+    def call(self, arch):
+        evaluations[0] += 1
+        if evaluations[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_call(self, arch)
+
+    SharedWeightEvaluator.__call__ = call
+
+
 def test_a_killed_study_resumes_without_duplicates(dense_checkpoint, tmp_path):
     out = tmp_path / "killed"
     args = optuna_args(dense_checkpoint, out, "--target", "0.6x", "--trials", "14", "--eval-batches", "1")
-    process = ForkedSpvit(args, env={"OMP_NUM_THREADS": "1"})
-    deadline, journal_lock = time.time() + 300, out / f"{JOURNAL}.lock"
-    while time.time() < deadline:
-        time.sleep(0.2)
-        if (out / JOURNAL).exists() and len(load_study(out).get_trials()) >= 4:
-            # Killed between two writes: a journal lock left behind would hold the resume up for its 30 s grace.
-            process.send_signal(signal.SIGSTOP)
-            if not journal_lock.exists():
-                break
-            process.send_signal(signal.SIGCONT)
-    process.kill()
-    process.wait()
+    process = ForkedSpvit(args, env={"OMP_NUM_THREADS": "1"}, before=lambda: die_in_an_evaluation(3))
+    assert process.wait() == -signal.SIGKILL, process.stderr()[-2000:]
     before = load_study(out).get_trials()
-    assert len(before) < 14, "the study finished before it could be killed"
+    assert [t.state for t in before].count(TrialState.RUNNING) == 1  # the one the kill cut off
+    assert len(before) < 14
 
     assert main(args) == 0
     after = load_study(out).get_trials()
